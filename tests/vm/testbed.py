@@ -1,0 +1,422 @@
+"""The real-kernel test bed: a Debian kernel under QEMU (TCG), a debootstrapped Debian userland with
+systemd and udev as its initramfs, the fake NVIDIA driver, and the helper.
+
+Host side only, standard library only. Scenarios use `Machine` (shaped like the NixOS test
+driver's `machine`) and `Bed` (the driver packages and how to switch between them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+GUEST = Path(__file__).resolve().parent / "guest"
+CACHE = Path(os.environ.get("NKS_CACHE", REPO / ".cache"))
+
+SUITE = "bookworm"
+GUEST_PACKAGES = [
+    "systemd", "systemd-sysv", "udev", "kmod", "procps", "psmisc",
+    "python3", "python3-pyudev", "python3-systemd", "python3-packaging", "python3-zstandard",
+    # python3-zstandard needs a cffi backend through virtual packages debootstrap cannot resolve.
+    "python3-cffi-backend",
+]
+# What the guest does not need and would only make every boot slower to unpack.
+TRIM = ["usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale", "usr/share/lintian",
+        "var/cache/apt", "var/lib/apt/lists", "usr/share/zoneinfo"]
+# Units a minimal Debian enables that do nothing useful in a throwaway guest.
+MASK = ["apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backup.timer", "e2scrub_all.timer",
+        "fstrim.timer", "systemd-timesyncd.service", "getty@tty1.service"]
+DEFAULT_MODULES = ["nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm"]
+
+
+def log(msg: str) -> None:
+    print(f"testbed: {msg}", flush=True)
+
+
+def kernel_abi() -> str:
+    return subprocess.run([str(REPO / "tests/lib/kernel-abi")], check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def debian_mirror() -> str:
+    """The first URIs: line of the machine's apt sources; never written into a file of ours."""
+    for line in Path("/etc/apt/sources.list.d/debian.sources").read_text().splitlines():
+        if line.startswith("URIs:"):
+            return line.split()[1]
+    raise RuntimeError("no URIs: line in /etc/apt/sources.list.d/debian.sources")
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _pack(root: Path, out: Path) -> None:
+    """An uncompressed newc cpio of ROOT: the kernel unpacks it into the initramfs as is."""
+    tmp = out.with_suffix(".tmp")
+    with tmp.open("wb") as f:
+        find = subprocess.Popen(["find", ".", "-print0"], cwd=root, stdout=subprocess.PIPE)
+        subprocess.run(["cpio", "--null", "-o", "-H", "newc", "--quiet"], cwd=root, stdin=find.stdout,
+                       stdout=f, check=True)
+        if find.wait() != 0:
+            raise RuntimeError(f"find failed in {root}")
+    tmp.replace(out)
+
+
+def base_image() -> Path:
+    """The guest's Debian root as a cpio, built once per set of inputs and cached."""
+    key = _digest(SUITE, GUEST_PACKAGES, TRIM, MASK, "v1")
+    out = CACHE / "vm" / f"base-{key}.cpio"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="root-", dir=out.parent))
+    try:
+        log(f"debootstrap {SUITE} (about a minute, cached afterwards)")
+        subprocess.run(["debootstrap", "--variant=minbase", "--include=" + ",".join(GUEST_PACKAGES),
+                        SUITE, str(root), debian_mirror()], check=True, stdout=subprocess.DEVNULL)
+        for path in TRIM:
+            shutil.rmtree(root / path, ignore_errors=True)
+        for unit in MASK:
+            target = root / "etc/systemd/system" / unit
+            target.unlink(missing_ok=True)
+            target.symlink_to("/dev/null")
+        (root / "init").symlink_to("/sbin/init")
+        (root / "etc/hostname").write_text("testbed\n")
+        (root / "etc/machine-id").write_text("")
+        _pack(root, out)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    log(f"guest base image: {out} ({out.stat().st_size >> 20} MiB)")
+    return out
+
+
+def driver_packages(abi: str) -> Path:
+    """Builds (or reuses) the fake driver packages for the guest kernel; returns the output dir."""
+    out = CACHE / "fake-driver" / abi
+    subprocess.run([str(REPO / "tests/fake-driver/build"), "--kdir", f"/usr/src/linux-headers-{abi}",
+                    "--out", str(out)], check=True)
+    return out
+
+
+@dataclass
+class Boot:
+    """How a guest boots; scenarios set these as a dict named BOOT."""
+
+    driver: str | None = "old"          # package whose modules the booted system loads (None: no driver loaded)
+    profile: str | None = None          # package "in the system profile" at boot (default: driver, or "new")
+    modules: list[str] = field(default_factory=lambda: list(DEFAULT_MODULES))  # loaded at boot
+    extra_packages: list[str] = field(default_factory=list)  # more packages in the booted module tree
+    gpus: int = 1
+    cmdline: str = ""
+    files: dict[str, str] = field(default_factory=dict)
+    persistenced: bool = True           # nvidia-persistenced enabled (started at boot)
+    memory_mib: int = 2048
+
+
+class Overlay:
+    """The per-boot part of the initramfs: helper, driver packages, guest config, scenario files."""
+
+    def __init__(self, boot: Boot, abi: str, packages_dir: Path) -> None:
+        self.boot, self.abi, self.packages_dir = boot, abi, packages_dir
+        self.index = json.loads((packages_dir / "packages.json").read_text())
+
+    def build(self, out: Path) -> None:
+        root = Path(tempfile.mkdtemp(prefix="overlay-", dir=out.parent))
+        try:
+            self._populate(root)
+            _pack(root, out)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+
+    def _put(self, root: Path, path: str, text: str, mode: int = 0o644) -> None:
+        target = root / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+        target.chmod(mode)
+
+    def _enable(self, root: Path, unit: str, target: str) -> None:
+        wants = root / f"etc/systemd/system/{target}.wants"
+        wants.mkdir(parents=True, exist_ok=True)
+        (wants / unit).symlink_to(f"/etc/systemd/system/{unit}")
+
+    def _populate(self, root: Path) -> None:
+        boot = self.boot
+        # The helper, as its source tree: no build step, the guest's Python runs it directly.
+        helper_src = REPO / "helper/src/nvidia_kmod_swap"
+        if helper_src.is_dir():
+            shutil.copytree(helper_src, root / "usr/lib/python3/dist-packages/nvidia_kmod_swap",
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        self._put(root, "/usr/bin/nvidia-kmod-swap",
+                  "#!/usr/bin/python3\nimport sys\nfrom nvidia_kmod_swap.cli import main\nsys.exit(main())\n", 0o755)
+        # The driver packages, under /nix/store as on NixOS.
+        shutil.copytree(self.packages_dir / "nix", root / "nix", symlinks=True)
+        self._put(root, "/etc/testbed/packages.json", json.dumps(self.index, indent=2))
+        # Guest plumbing.
+        self._put(root, "/usr/local/lib/testbed/backdoor.py", (GUEST / "backdoor.py").read_text(), 0o755)
+        self._put(root, "/etc/systemd/system/backdoor.service", (GUEST / "backdoor.service").read_text())
+        self._enable(root, "backdoor.service", "sysinit.target")
+        self._put(root, "/usr/local/bin/switch-driver", (GUEST / "switch-driver").read_text(), 0o755)
+        self._put(root, "/etc/udev/rules.d/60-nvidia.rules", (GUEST / "60-nvidia.rules").read_text())
+        self._put(root, "/etc/systemd/system/nvidia-persistenced.service",
+                  (GUEST / "nvidia-persistenced.service").read_text())
+        if boot.persistenced:
+            self._enable(root, "nvidia-persistenced.service", "multi-user.target")
+        profile = boot.profile or boot.driver or "new"
+        self._put(root, "/etc/systemd/system/testbed-profile.service", (
+            "[Unit]\nDescription=Test bed: the system profile's driver\nDefaultDependencies=no\n"
+            "After=local-fs.target\nBefore=sysinit.target nvidia-persistenced.service\n\n"
+            f"[Service]\nType=oneshot\nRemainAfterExit=yes\n"
+            f"ExecStart=/usr/local/bin/switch-driver --no-reload {profile}\n"))
+        self._enable(root, "testbed-profile.service", "sysinit.target")
+        self._booted_module_tree(root)
+        for path, text in boot.files.items():
+            self._put(root, path, text)
+
+    def _booted_module_tree(self, root: Path) -> None:
+        """/lib/modules/<abi> as NixOS's booted system has it: the driver's modules linked into the
+        tree that modprobe (and systemd-modules-load at boot) reads; the helper's rollback dir."""
+        # Debian's root is merged-usr: /lib is a symlink to usr/lib, and an overlay entry "lib" that
+        # is a directory would replace that symlink when the kernel unpacks the archives.
+        tree = root / "usr/lib/modules" / self.abi
+        extra = tree / "extra"
+        extra.mkdir(parents=True)
+        host_tree = Path("/lib/modules") / self.abi
+        for name in ("modules.builtin", "modules.builtin.modinfo", "modules.order"):
+            if (host_tree / name).exists():
+                shutil.copy(host_tree / name, tree / name)
+        labels = ([self.boot.driver] if self.boot.driver else []) + self.boot.extra_packages
+        for label in labels:
+            module_dir = Path(self.index["packages"][label]["module_dir"])
+            for ko in sorted((root / module_dir.relative_to("/")).rglob("*.ko*")):
+                link = extra / ko.name
+                link.unlink(missing_ok=True)
+                link.symlink_to(os.path.relpath(ko, extra))
+        (root / "lib").symlink_to("usr/lib")  # for depmod -b only
+        try:
+            subprocess.run(["depmod", "-b", str(root), self.abi], check=True)
+        finally:
+            (root / "lib").unlink()
+        if self.boot.driver and self.boot.modules:
+            self._put(root, "/etc/modules-load.d/nvidia.conf", "\n".join(self.boot.modules) + "\n")
+
+
+class GuestError(AssertionError):
+    pass
+
+
+class Machine:
+    """One QEMU guest. API shaped like the NixOS test driver's `machine`."""
+
+    def __init__(self, name: str, boot: Boot, workdir: Path) -> None:
+        self.name, self.boot, self.workdir = name, boot, workdir
+        self.console_log = workdir / "console.log"
+        self.process: subprocess.Popen | None = None
+        self.sock: socket.socket | None = None
+        self._buffer = b""
+        self._next_id = 1
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self, initrd: Path, abi: str, timeout: float = 180) -> None:
+        sock_path = self.workdir / "backdoor.sock"
+        append = " ".join(filter(None, [
+            "console=ttyS0 panic=-1 loglevel=4 systemd.show_status=0 mitigations=off",
+            f"nvidia.gpus={self.boot.gpus}" if self.boot.gpus != 1 else "",
+            self.boot.cmdline,
+        ]))
+        cmd = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-smp", "1",
+               "-m", str(self.boot.memory_mib), "-nodefaults", "-display", "none", "-no-reboot",
+               "-kernel", f"/boot/vmlinuz-{abi}", "-initrd", str(initrd), "-append", append,
+               "-chardev", f"file,id=console,path={self.console_log}", "-serial", "chardev:console",
+               "-chardev", f"socket,id=backdoor,path={sock_path},server=on,wait=off",
+               "-serial", "chardev:backdoor"]
+        self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while not sock_path.exists():
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise GuestError("QEMU did not create its backdoor socket")
+            time.sleep(0.05)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(sock_path))
+        # The guest's agent starts early in boot; until it does, our lines fall on a closed port.
+        while True:
+            try:
+                self._request("true", timeout=10, wait=1.0)
+                return
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise GuestError(f"guest agent did not answer within {timeout}s; console: {self.console_log}")
+
+    def shutdown(self) -> None:
+        if self.sock:
+            self.sock.close()
+            self.sock = None
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def _check_alive(self) -> None:
+        if self.process and self.process.poll() is not None:
+            out = self.process.stdout.read().decode(errors="replace") if self.process.stdout else ""
+            raise GuestError(f"QEMU exited with {self.process.returncode}: {out.strip()}; console: {self.console_log}")
+
+    # -- the command channel -------------------------------------------------------------------
+    def _request(self, cmd: str, timeout: float, wait: float | None = None) -> tuple[int, str]:
+        assert self.sock is not None, "machine not started"
+        request_id = self._next_id
+        self._next_id += 1
+        self.sock.sendall((json.dumps({"id": request_id, "cmd": cmd, "timeout": timeout}) + "\n").encode())
+        deadline = time.monotonic() + (wait if wait is not None else timeout + 15)
+        while True:
+            while b"\n" in self._buffer:
+                line, self._buffer = self._buffer.split(b"\n", 1)
+                try:
+                    reply = json.loads(line)
+                except ValueError:
+                    continue
+                # Before the agent puts the port in raw mode the tty echoes our own lines back.
+                if reply.get("id") == request_id and "rc" in reply:
+                    return reply["rc"], reply["out"]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no answer to {cmd!r}")
+            self._check_alive()
+            self.sock.settimeout(min(remaining, 1.0))
+            try:
+                chunk = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            if not chunk:
+                self._check_alive()
+                raise GuestError("backdoor closed")
+            self._buffer += chunk
+
+    def execute(self, cmd: str, timeout: float = 120) -> tuple[int, str]:
+        return self._request(cmd, timeout)
+
+    def succeed(self, cmd: str, timeout: float = 120) -> str:
+        rc, out = self.execute(cmd, timeout)
+        if rc != 0:
+            raise GuestError(f"command failed (exit {rc}): {cmd}\n{out}")
+        return out
+
+    def fail(self, cmd: str, timeout: float = 120) -> str:
+        rc, out = self.execute(cmd, timeout)
+        if rc == 0:
+            raise GuestError(f"command unexpectedly succeeded: {cmd}\n{out}")
+        return out
+
+    def wait_until_succeeds(self, cmd: str, timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            rc, out = self.execute(cmd, timeout=max(5.0, timeout))
+            if rc == 0:
+                return out
+            if time.monotonic() > deadline:
+                raise GuestError(f"timed out after {timeout}s waiting for: {cmd}\nlast output:\n{out}")
+            time.sleep(0.5)
+
+    def wait_until_fails(self, cmd: str, timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            rc, out = self.execute(cmd, timeout=max(5.0, timeout))
+            if rc != 0:
+                return out
+            if time.monotonic() > deadline:
+                raise GuestError(f"timed out after {timeout}s waiting for failure of: {cmd}")
+            time.sleep(0.5)
+
+    def wait_for_unit(self, unit: str, timeout: float = 120) -> None:
+        """Waits until UNIT is active; fails at once if it failed (as the NixOS driver does)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.execute(f"systemctl show -P ActiveState {shlex.quote(unit)}")[1].strip()
+            if state == "active":
+                return
+            if state == "failed":
+                raise GuestError(f"unit {unit} failed:\n" + self.execute(f"systemctl status --no-pager -n 30 {shlex.quote(unit)}")[1])
+            if time.monotonic() > deadline:
+                raise GuestError(f"unit {unit} not active after {timeout}s (state {state})")
+            time.sleep(0.5)
+
+    # -- conveniences for assertions on what the system really did ---------------------------
+    def unit_property(self, unit: str, prop: str) -> str:
+        return self.succeed(f"systemctl show -P {prop} {shlex.quote(unit)}").strip()
+
+    def journal(self, args: str = "") -> str:
+        return self.succeed(f"journalctl --no-pager -o cat {args}")
+
+    def dmesg(self) -> str:
+        return self.succeed("dmesg")
+
+    def module_version(self, module: str = "nvidia") -> str | None:
+        rc, out = self.execute(f"cat /sys/module/{module}/version")
+        return out.strip() if rc == 0 else None
+
+    def loaded_modules(self) -> dict[str, str]:
+        """name -> the modules using it, from /proc/modules (the kernel's own view)."""
+        mods = {}
+        for line in self.succeed("cat /proc/modules").splitlines():
+            fields = line.split()
+            mods[fields[0]] = fields[3]
+        return mods
+
+
+@dataclass
+class Bed:
+    """What a scenario knows of the driver packages, and how to switch the system profile."""
+
+    machine: Machine
+    packages: dict[str, dict]
+    boot: Boot
+
+    def switch_driver(self, label: str, *, extra: tuple[str, ...] = (), config: dict | None = None,
+                      helper: bool = True) -> None:
+        args = [label] + [f"--extra={e}" for e in extra]
+        args += [f"--set={k}={json.dumps(v)}" for k, v in (config or {}).items()]
+        args.append("--helper" if helper else "--no-helper")
+        self.machine.succeed("switch-driver " + " ".join(shlex.quote(a) for a in args))
+
+    def restart_persistenced(self) -> int:
+        """Restarts the unit as switch-to-configuration does; returns systemctl's exit code."""
+        return self.machine.execute("systemctl restart nvidia-persistenced.service", timeout=180)[0]
+
+
+class Testbed:
+    """Builds the images once per run and boots machines from them."""
+
+    def __init__(self) -> None:
+        self.abi = kernel_abi()
+        self.base = base_image()
+        self.packages_dir = driver_packages(self.abi)
+        self.index = json.loads((self.packages_dir / "packages.json").read_text())
+        self.runs = CACHE / "vm" / "runs"
+        self.runs.mkdir(parents=True, exist_ok=True)
+
+    def boot(self, name: str, boot: Boot) -> tuple[Machine, Bed]:
+        workdir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.runs))
+        overlay = workdir / "overlay.cpio"
+        Overlay(boot, self.abi, self.packages_dir).build(overlay)
+        initrd = workdir / "initrd.cpio"
+        with initrd.open("wb") as out:
+            for part in (self.base, overlay):
+                with part.open("rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 20)
+        overlay.unlink()
+        machine = Machine(name, boot, workdir)
+        try:
+            machine.start(initrd, self.abi)
+        finally:
+            initrd.unlink(missing_ok=True)  # the guest has it in memory now
+        return machine, Bed(machine, self.index["packages"], boot)
