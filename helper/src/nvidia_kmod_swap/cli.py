@@ -1,0 +1,166 @@
+"""nvidia-kmod-swap: swap the loaded NVIDIA kernel modules for the driver in the system profile.
+
+Run by systemd before nvidia-persistenced starts:
+  ExecCondition=+nvidia-kmod-swap --config FILE check
+  ExecStartPre=+nvidia-kmod-swap --config FILE swap
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import config as config_mod
+from .paths import Root
+
+EXIT_CONFIG = 255
+EPILOG = """\
+exit codes:
+  check   0 start the unit (nothing to do, or a swap can run), 1 skip it (deferred: GPU busy
+          under on_busy=defer, or a new kernel awaits a reboot), 255 refused or broken config
+  swap    0 swapped, loaded or nothing to do; 1 refused (nothing touched); 3 failed and rolled
+          back (the old driver is loaded); 4 rollback failed too; 75 deferred; 255 broken config
+
+Every decision goes to the journal (journalctl -u nvidia-persistenced, or
+SYSLOG_IDENTIFIER=nvidia-kmod-swap) with its reason, versions, modules and GPU holders.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nvidia-kmod-swap", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    parser.add_argument("--config", type=Path, default=None,
+                        help=f"JSON config written by the NixOS module (default: {config_mod.DEFAULT_PATH} under --root)")
+    parser.add_argument("--root", type=Path, default=Path("/"),
+                        help="prefix for /proc, /sys, /dev, /run, /etc and the state dir (tests, tools)")
+    parser.add_argument("--log-target", choices=("auto", "journal", "stderr"), default="auto",
+                        help="where messages go (default: the journal when it is there, else stderr)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    status = sub.add_parser("status", help="what is loaded, what is expected, who holds the GPU (read-only)")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    plan = sub.add_parser("plan", help="what `swap` would do now, and why (read-only)")
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_parser("check", help="for ExecCondition=: should the unit start? (see exit codes)")
+    sub.add_parser("swap", help="for ExecStartPre=: swap or load the modules; roll back on failure")
+    return parser
+
+
+def main(argv: list[str] | None = None, kernel=None, run_systemctl=None) -> int:
+    args = _parser().parse_args(argv)
+    root = Root(args.root)
+    from .journal import Reporter
+
+    reporter = Reporter("stderr" if args.log_target == "stderr" else args.log_target)
+    try:
+        config = config_mod.load(args.config or root(config_mod.DEFAULT_PATH))
+    except config_mod.ConfigError as e:
+        reporter.event("refused", str(e), "err", reason=str(e))
+        return EXIT_CONFIG
+    if args.command == "check":
+        return _check(root, config, reporter)
+    if args.command == "swap":
+        return _swap(root, config, reporter, kernel, run_systemctl)
+    if args.command == "plan":
+        return _plan(root, config, args.json)
+    return _status(root, config, args.json)
+
+
+def _pending(root: Root, config) -> bool:
+    from .swap import STATE_FILE
+
+    return root(config.state_dir).joinpath(STATE_FILE).exists()
+
+
+def _check(root: Root, config, reporter) -> int:
+    from .facts import make_plan
+    from .plan import DEFER, REFUSE
+
+    if _pending(root, config):
+        return 0  # an interrupted swap: `swap` recovers it first
+    plan = make_plan(root, config)
+    if plan.action == DEFER:
+        reporter.event("deferred", f"deferred, not starting: {plan.reason}", "warning", reason=plan.reason,
+                       holder_pids=[h.pid for h in plan.holders], holder_units=[h.unit for h in plan.holders if h.unit],
+                       loaded_version=plan.loaded_version, expected_version=plan.expected_version)
+        return 1
+    if plan.action == REFUSE:
+        reporter.event("refused", f"refused: {plan.reason}", "err", reason=plan.reason,
+                       loaded_version=plan.loaded_version, expected_version=plan.expected_version)
+        return 255
+    return 0
+
+
+def _swap(root: Root, config, reporter, kernel, run_systemctl) -> int:
+    from .swap import SwapFailed, Swapper
+
+    if kernel is None:
+        if not root.is_live:
+            reporter.event("refused", f"swap with --root {root.base} changes no kernel; tests pass a fake one", "err")
+            return 1
+        from .kmod import SyscallKernel
+
+        kernel = SyscallKernel()
+    try:
+        return Swapper(root, config, kernel, reporter, run_systemctl).run()
+    except SwapFailed as e:
+        reporter.event("refused", f"refused: {e}", "err", reason=str(e))
+        return 1
+
+
+def _plan(root: Root, config, as_json: bool) -> int:
+    from .facts import make_plan
+
+    plan = make_plan(root, config)
+    if as_json:
+        print(json.dumps(plan.to_json(), indent=2))
+        return 0
+    print(f"action: {plan.action}\nreason: {plan.reason}")
+    if plan.unload:
+        print("unload: " + " ".join(plan.unload))
+    for step in plan.load:
+        print(f"load:   {step.name} {step.path} {step.params}".rstrip())
+    for step in plan.rollback:
+        print(f"rollback: {step.name} {step.path} {step.params}".rstrip())
+    for holder in plan.holders:
+        print(f"holder: {holder.describe()}")
+    if plan.stop_units:
+        print("stop:   " + " ".join(plan.stop_units))
+    return 0
+
+
+def _status(root: Root, config, as_json: bool) -> int:
+    from .holders import find_holders
+    from .snapshot import read_snapshot
+
+    snapshot = read_snapshot(root)
+    family = snapshot.family()
+    data = {
+        "running_kernel": snapshot.kernel_release,
+        "config_kernel": config.kernel_release,
+        "expected_version": config.driver_version,
+        "loaded_version": snapshot.version("nvidia"),
+        "modules": [{"name": n, "version": snapshot.modules[n].version, "refcnt": snapshot.modules[n].refcnt,
+                     "holders": sorted(snapshot.modules[n].holders)} for n in family],
+        "gpu_holders": [h.__dict__ for h in find_holders(root)] if family else [],
+        "interrupted_swap": _pending(root, config),
+    }
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return 0
+    print(f"expected driver: {data['expected_version']} (for kernel {data['config_kernel']})")
+    print(f"running kernel:  {data['running_kernel']}")
+    print(f"loaded driver:   {data['loaded_version'] or 'none'}")
+    for m in data["modules"]:
+        print(f"  {m['name']:<16} {m['version'] or '-':<12} refcount {m['refcnt']:<3} held by {', '.join(m['holders']) or '-'}")
+    for h in data["gpu_holders"]:
+        print(f"  GPU held: pid {h['pid']} ({h['comm']}) {h['path']} {h['unit'] or ''}".rstrip())
+    if data["interrupted_swap"]:
+        print("an interrupted swap is pending: the next `swap` finishes or rolls it back")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""After a load: wait until udev has made the device nodes, and check they point at the new driver.
+
+NixOS's udev rules mknod /dev/nvidia* when the module's "add" uevent is processed. Such nodes
+outlive an unload, so "the node exists" proves nothing: each node must have the device number the
+loaded driver registered (nvidia-uvm's major is dynamic and may change across a reload). A stale node
+is removed and the module's add event replayed so that the rules make it again.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .paths import Root
+
+NV_MAJOR = 195
+
+
+@dataclass(frozen=True)
+class Node:
+    path: str
+    major: int
+    minor: int
+    module: str
+
+
+def char_majors(root: Root) -> dict[str, int]:
+    """Character device names -> majors, from /proc/devices."""
+    majors: dict[str, int] = {}
+    section = None
+    for line in root("/proc/devices").read_text().splitlines():
+        if line.endswith(":"):
+            section = line
+            continue
+        parts = line.split()
+        if section == "Character devices:" and len(parts) == 2 and parts[0].isdigit():
+            majors.setdefault(parts[1], int(parts[0]))
+    return majors
+
+
+def gpu_minors(root: Root) -> list[int]:
+    minors = []
+    for info in sorted(root("/proc/driver/nvidia/gpus").glob("*/information")):
+        for line in info.read_text().splitlines():
+            if line.startswith("Device Minor:"):
+                minors.append(int(line.split(":", 1)[1]))
+    return sorted(minors)
+
+
+def expected_nodes(root: Root, loaded: set[str]) -> list[Node]:
+    nodes: list[Node] = []
+    if "nvidia" in loaded:
+        nodes.append(Node("/dev/nvidiactl", NV_MAJOR, 255, "nvidia"))
+        nodes += [Node(f"/dev/nvidia{m}", NV_MAJOR, m, "nvidia") for m in gpu_minors(root)]
+    if "nvidia_modeset" in loaded:
+        nodes.append(Node("/dev/nvidia-modeset", NV_MAJOR, 254, "nvidia_modeset"))
+    if "nvidia_uvm" in loaded:
+        major = char_majors(root).get("nvidia-uvm")
+        if major is not None:
+            nodes.append(Node("/dev/nvidia-uvm", major, 0, "nvidia_uvm"))
+            nodes.append(Node("/dev/nvidia-uvm-tools", major, 1, "nvidia_uvm"))
+    return nodes
+
+
+def node_problem(root: Root, node: Node) -> str | None:
+    try:
+        st = os.stat(root(node.path))
+    except FileNotFoundError:
+        return f"{node.path} is missing"
+    if not stat.S_ISCHR(st.st_mode):
+        return f"{node.path} is not a character device"
+    if (os.major(st.st_rdev), os.minor(st.st_rdev)) != (node.major, node.minor):
+        return (f"{node.path} is {os.major(st.st_rdev)}:{os.minor(st.st_rdev)}, the driver registered "
+                f"{node.major}:{node.minor}")
+    return None
+
+
+def udev_busy(root: Root) -> bool:
+    """systemd-udevd keeps /run/udev/queue while events are queued (what `udevadm settle` waits for)."""
+    return root("/run/udev/queue").exists()
+
+
+def replay_add(root: Root, module: str) -> None:
+    """Asks the kernel to send the module's "add" uevent again (what `udevadm trigger` does)."""
+    try:
+        root(f"/sys/module/{module}/uevent").write_text("add")
+    except OSError:
+        pass
+
+
+def wait_for_nodes(root: Root, loaded: set[str], timeout: float, poll: float = 0.02) -> list[str]:
+    """Waits until udev has settled and every expected node is right; returns what is still wrong."""
+    deadline = time.monotonic() + timeout
+    replayed: set[str] = set()
+    while True:
+        problems = []
+        if not udev_busy(root):
+            for node in expected_nodes(root, loaded):
+                problem = node_problem(root, node)
+                if problem is None:
+                    continue
+                problems.append(problem)
+                stale = Path(root(node.path))
+                if "registered" in problem and node.module not in replayed:
+                    stale.unlink(missing_ok=True)
+                    replay_add(root, node.module)
+                    replayed.add(node.module)
+            if not problems:
+                return []
+        else:
+            problems = ["udev is still processing events"]
+        if time.monotonic() >= deadline:
+            return problems
+        time.sleep(poll)

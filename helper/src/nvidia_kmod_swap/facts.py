@@ -1,0 +1,61 @@
+"""Gathers what the planner needs from the system, read-only, and hands it to plan.py."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from . import holders as holders_mod
+from . import params as params_mod
+from .config import Config
+from .modinfo import ModuleFileError, find_module_files, read_modinfo
+from .paths import Root
+from .plan import Candidate, Inventory, Plan, plan_change, triage
+from .snapshot import Snapshot, read_snapshot
+
+LOADED_RECORD = "loaded.json"
+
+
+def candidate(path: Path) -> Candidate:
+    resolved = Path(os.path.realpath(path))
+    try:
+        return Candidate(path, resolved, info=read_modinfo(path))
+    except ModuleFileError as e:
+        return Candidate(path, resolved, error=str(e).removeprefix(f"{path}: "))
+    except Exception as e:  # e.g. zstandard missing: a reason, not a crash
+        return Candidate(path, resolved, error=f"{type(e).__name__}: {e}")
+
+
+def inventory(dirs: list[str] | tuple[str, ...], extra_files: list[Path] = ()) -> Inventory:
+    found: Inventory = {}
+    for path in extra_files:
+        c = candidate(path)
+        if c.info is not None:
+            found.setdefault(c.info.name, []).append(c)
+    for name, paths in find_module_files(dirs).items():
+        found.setdefault(name, []).extend(candidate(p) for p in paths)
+    return found
+
+
+def recorded_paths(root: Root, config: Config) -> list[Path]:
+    """The files loaded by our last successful swap: the rollback source for the next one, since
+    the booted system's module tree holds an older driver by then."""
+    try:
+        record = json.loads(root(config.state_dir).joinpath(LOADED_RECORD).read_text())
+        return [Path(m["path"]) for m in record["modules"] if Path(m["path"]).exists()]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def make_plan(root: Root, config: Config, snapshot: Snapshot | None = None) -> Plan:
+    snapshot = snapshot or read_snapshot(root)
+    early = triage(snapshot, config)
+    if early is not None:
+        return early
+    new = inventory(config.module_dirs)
+    old = inventory(config.rollback_dirs, recorded_paths(root, config)) if snapshot.family() else {}
+    names = set(snapshot.family()) | set(config.modules) | set(new)
+    params = params_mod.collect(root, names)
+    gpu_holders = holders_mod.find_holders(root) if snapshot.family() else []
+    return plan_change(snapshot, config, new, old, params, gpu_holders)

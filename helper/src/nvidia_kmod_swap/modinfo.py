@@ -1,0 +1,144 @@
+"""Reads kernel module files (.ko, .ko.xz, .ko.zst): the .modinfo section of the ELF object.
+
+This is what `modinfo FILE` shows: name, version, vermagic, depends, srcversion. Read-only.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+SUFFIXES = (".ko", ".ko.xz", ".ko.zst")
+
+
+class ModuleFileError(Exception):
+    """A module file that cannot be read or is not a kernel module."""
+
+
+@dataclass(frozen=True)
+class ModInfo:
+    path: Path
+    name: str
+    version: str | None
+    vermagic: str
+    depends: tuple[str, ...]
+    srcversion: str | None
+
+    @property
+    def kernel_release(self) -> str:
+        """The release a module was built for: the first word of its vermagic."""
+        return self.vermagic.split(" ", 1)[0]
+
+
+def module_name(path: Path) -> str:
+    """Kernel name of a module file: nvidia-uvm.ko.zst -> nvidia_uvm."""
+    name = path.name
+    for suffix in SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return name.replace("-", "_")
+
+
+def read_bytes(path: Path) -> bytes:
+    """The module's ELF image, decompressed in userspace as kmod does."""
+    data = path.read_bytes()
+    if path.name.endswith(".xz"):
+        import lzma
+
+        try:
+            return lzma.decompress(data)
+        except lzma.LZMAError as e:
+            raise ModuleFileError(f"{path}: bad xz data: {e}") from e
+    if path.name.endswith(".zst"):
+        import zstandard
+
+        try:
+            return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+        except zstandard.ZstdError as e:
+            raise ModuleFileError(f"{path}: bad zstd data: {e}") from e
+    return data
+
+
+def _modinfo_section(elf: bytes, path: Path) -> bytes:
+    if len(elf) < 64 or elf[:4] != b"\x7fELF":
+        raise ModuleFileError(f"{path}: not an ELF file")
+    if elf[4] != 2:
+        raise ModuleFileError(f"{path}: not a 64-bit ELF object")
+    endian = "<" if elf[5] == 1 else ">"
+    try:
+        (shoff,) = struct.unpack_from(endian + "Q", elf, 0x28)
+        shentsize, shnum, shstrndx = struct.unpack_from(endian + "HHH", elf, 0x3A)
+        def section(i: int) -> tuple[int, int, int]:
+            name, _type, _flags, _addr, offset, size = struct.unpack_from(endian + "IIQQQQ", elf, shoff + i * shentsize)
+            return name, offset, size
+        _, stroff, strsize = section(shstrndx)
+        names = elf[stroff: stroff + strsize]
+        for i in range(shnum):
+            name_off, offset, size = section(i)
+            end = names.find(b"\0", name_off)
+            if names[name_off:end] == b".modinfo":
+                if offset + size > len(elf):
+                    raise ModuleFileError(f"{path}: .modinfo runs past the end of the file (truncated?)")
+                return elf[offset: offset + size]
+    except struct.error as e:
+        raise ModuleFileError(f"{path}: truncated or corrupt ELF ({e})") from e
+    raise ModuleFileError(f"{path}: no .modinfo section: not a kernel module")
+
+
+def parse_modinfo(section: bytes) -> dict[str, list[str]]:
+    fields: dict[str, list[str]] = {}
+    for entry in section.split(b"\0"):
+        if b"=" in entry:
+            key, _, value = entry.decode(errors="replace").partition("=")
+            fields.setdefault(key, []).append(value)
+    return fields
+
+
+def read_modinfo(path: Path) -> ModInfo:
+    try:
+        elf = read_bytes(path)
+    except OSError as e:
+        raise ModuleFileError(f"{path}: {e.strerror}") from e
+    fields = parse_modinfo(_modinfo_section(elf, path))
+    # A file cut short after its section headers still has a .modinfo; the kernel would reject it,
+    # so check that the section header table itself is whole.
+    _check_complete(elf, path)
+    vermagic = (fields.get("vermagic") or [""])[0]
+    if not vermagic:
+        raise ModuleFileError(f"{path}: no vermagic: not a loadable module")
+    depends = tuple(d.replace("-", "_") for d in ",".join(fields.get("depends", [])).split(",") if d)
+    return ModInfo(
+        path=path,
+        name=(fields.get("name") or [module_name(path)])[0],
+        version=(fields.get("version") or [None])[0],
+        vermagic=vermagic,
+        depends=depends,
+        srcversion=(fields.get("srcversion") or [None])[0],
+    )
+
+
+def _check_complete(elf: bytes, path: Path) -> None:
+    endian = "<" if elf[5] == 1 else ">"
+    (shoff,) = struct.unpack_from(endian + "Q", elf, 0x28)
+    shentsize, shnum = struct.unpack_from(endian + "HH", elf, 0x3A)
+    if shoff + shentsize * shnum > len(elf):
+        raise ModuleFileError(f"{path}: truncated: section headers end at {shoff + shentsize * shnum}, file has {len(elf)} bytes")
+    for i in range(shnum):
+        _n, stype, _f, _a, offset, size = struct.unpack_from(endian + "IIQQQQ", elf, shoff + i * shentsize)
+        if stype != 8 and offset + size > len(elf):  # SHT_NOBITS (8) occupies no file space
+            raise ModuleFileError(f"{path}: truncated: section {i} ends past the end of the file")
+
+
+def find_module_files(dirs: list[str] | tuple[str, ...]) -> dict[str, list[Path]]:
+    """Kernel name -> module files found below DIRS (recursively; misc/ or kernel/drivers/video/)."""
+    found: dict[str, list[Path]] = {}
+    for top in dirs:
+        for dirpath, _dirnames, filenames in os.walk(top, followlinks=True):
+            for filename in sorted(filenames):
+                if filename.endswith(SUFFIXES):
+                    path = Path(dirpath) / filename
+                    found.setdefault(module_name(path), []).append(path)
+    return found

@@ -1,0 +1,86 @@
+"""Module parameters the way modprobe would apply them.
+
+insmod (and finit_module) ignore /etc/modprobe.d and `module.param=value` on the kernel command line;
+modprobe merges both. NixOS puts `options nvidia NVreg_...` and `nvidia-drm.modeset=1` there, so a swap
+that dropped them would change the driver's behaviour. We collect both, config files first and the
+command line last (the kernel keeps the last value of a repeated parameter, as with modprobe).
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from .paths import Root
+
+# modprobe's search order; a file name in an earlier directory hides the same name in a later one.
+MODPROBE_DIRS = ("/etc/modprobe.d", "/run/modprobe.d", "/usr/local/lib/modprobe.d", "/lib/modprobe.d", "/usr/lib/modprobe.d")
+
+
+def _norm(name: str) -> str:
+    return name.replace("-", "_")
+
+
+def _config_files(root: Root) -> list[Path]:
+    chosen: dict[str, Path] = {}
+    for directory in MODPROBE_DIRS:
+        try:
+            entries = sorted(root(directory).iterdir())
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for entry in entries:
+            if entry.name.endswith(".conf") and entry.name not in chosen and entry.is_file():
+                chosen[entry.name] = entry
+    return [chosen[name] for name in sorted(chosen)]
+
+
+def parse_modprobe_conf(text: str) -> list[tuple[str, str]]:
+    """(module, "param=value ...") for each `options` line; continuation lines joined."""
+    options = []
+    joined = text.replace("\\\n", " ")
+    for line in joined.splitlines():
+        line = line.split("#", 1)[0].strip()
+        words = line.split(None, 2)
+        if len(words) >= 3 and words[0] == "options":
+            options.append((_norm(words[1]), words[2].strip()))
+    return options
+
+
+def parse_cmdline(cmdline: str) -> list[tuple[str, str]]:
+    """(module, "param=value") for each `module.param[=value]` word of a kernel command line."""
+    options = []
+    try:
+        words = shlex.split(cmdline)
+    except ValueError:
+        words = cmdline.split()
+    for word in words:
+        key, eq, value = word.partition("=")
+        module, dot, param = key.partition(".")
+        if not dot or not module or not param or "/" in module:
+            continue
+        if " " in value:
+            value = f'"{value}"'
+        options.append((_norm(module), f"{param}{eq}{value}"))
+    return options
+
+
+def collect(root: Root, modules: list[str] | set[str]) -> dict[str, str]:
+    """module -> parameter string for insmod, for each of MODULES that has any."""
+    wanted = {_norm(m) for m in modules}
+    pieces: dict[str, list[str]] = {}
+    for path in _config_files(root):
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        for module, opts in parse_modprobe_conf(text):
+            if module in wanted:
+                pieces.setdefault(module, []).append(opts)
+    try:
+        cmdline = root("/proc/cmdline").read_text()
+    except FileNotFoundError:
+        cmdline = ""
+    for module, opt in parse_cmdline(cmdline):
+        if module in wanted:
+            pieces.setdefault(module, []).append(opt)
+    return {module: " ".join(opts) for module, opts in pieces.items()}

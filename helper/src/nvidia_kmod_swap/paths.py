@@ -1,0 +1,21 @@
+"""Where system files are: every /proc, /sys, /dev, /run and /etc path goes through a Root, so that
+tests and tools can point the helper at a fake tree with --root."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Root:
+    base: Path = Path("/")
+
+    @property
+    def is_live(self) -> bool:
+        """True when this is the real system, the only case in which the kernel may be changed."""
+        return self.base.resolve() == Path("/")
+
+    def __call__(self, path: str | Path) -> Path:
+        """The path of an absolute system path inside this root."""
+        return self.base / str(path).lstrip("/")

@@ -1,0 +1,31 @@
+"""The same driver bump with the helper: the modules are swapped live and persistenced starts."""
+
+BOOT = {"driver": "old"}
+
+
+def test(machine, bed):
+    old, new = bed.packages["old"]["version"], bed.packages["new"]["version"]
+    machine.wait_for_unit("nvidia-persistenced.service")
+    assert machine.module_version("nvidia") == old
+    bed.switch_driver("new")
+    assert bed.restart_persistenced() == 0, machine.journal("-u nvidia-persistenced")
+    machine.wait_for_unit("nvidia-persistenced.service")
+    for module in ("nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm"):
+        assert machine.module_version(module) == new, (module, machine.module_version(module))
+    # The kernel's holder graph is whole again.
+    users = machine.loaded_modules()
+    assert {"nvidia_modeset", "nvidia_uvm", "nvidia_drm"} <= set(users["nvidia"].strip(",").split(",")), users
+    # Device nodes exist with the numbers the new driver registered.
+    machine.succeed("test \"$(stat -c %t:%T /dev/nvidiactl)\" = c3:ff")
+    machine.succeed("test \"$(stat -c %t:%T /dev/nvidia0)\" = c3:0")
+    uvm_major = int(machine.succeed("awk '$2 == \"nvidia-uvm\" {print $1}' /proc/devices"))
+    machine.succeed(f"test \"$(stat -c %t /dev/nvidia-uvm)\" = {uvm_major:x}")
+    # The new userspace talks to the new module; no mismatch was ever logged.
+    out = machine.succeed(f"{bed.packages['new']['path']}/bin/nvidia-smi --query-gpu=driver_version --format=csv,noheader")
+    assert out.strip() == new, out
+    assert "API mismatch" not in machine.dmesg()
+    # The persistence daemon holds the new driver open.
+    assert int(machine.succeed("cat /sys/module/nvidia/refcnt")) > 3
+    journal = machine.journal("-u nvidia-persistenced")
+    assert f"NVIDIA driver {new} loaded (was {old})" in journal, journal
+    assert machine.unit_property("nvidia-persistenced.service", "NRestarts") == "0"
