@@ -54,7 +54,10 @@ def make_plan(root: Root, config: Config, snapshot: Snapshot | None = None) -> P
     if early is not None:
         return early
     new = inventory(config.module_dirs)
-    old = inventory(config.rollback_dirs, recorded_paths(root, config)) if snapshot.family() else {}
+    # Files of what is loaded now: our last swap's record, the booted system's tree, and the new
+    # tree too (a module already at the new version, after an interrupted swap, is rolled back to itself).
+    old = (inventory(list(config.rollback_dirs) + list(config.module_dirs), recorded_paths(root, config))
+           if snapshot.family() else {})
     names = set(snapshot.family()) | set(config.modules) | set(new)
     params = params_mod.collect(root, names)
     gpu_holders = holders_mod.find_holders(root) if snapshot.family() else []
