@@ -72,7 +72,7 @@ def test_parameters_survive_swap_and_rollback(setup):
     kernel = FakeKernel(system, fail_on={("load", "nvidia_drm")})
     swapper(system, config, kernel).run()
     assert system.modules["nvidia_drm"].params == "modeset=1"  # the rolled-back old one
-    swapper(system, config).run()
+    swapper(system, config, retry=True).run()
     assert system.modules["nvidia_drm"].params == "modeset=1" and system.versions() == FULL
 
 
@@ -109,8 +109,10 @@ def test_rollback_failure_keeps_state_and_says_so(setup, capsys):
     assert swapper(system, config, kernel).run() == EXIT_ROLLBACK_FAILED
     assert state_file(system, config).exists()
     assert "rollback failed" in capsys.readouterr().err
-    # The next run retries the rollback first, then the swap.
-    assert swapper(system, config).run() == EXIT_OK
+    # The next run finishes the rollback first; the failed swap itself is retried only on request.
+    assert swapper(system, config).run() == EXIT_REFUSED
+    assert system.versions() == BEFORE and not state_file(system, config).exists()
+    assert swapper(system, config, retry=True).run() == EXIT_OK
     assert system.versions() == FULL
 
 
@@ -244,3 +246,16 @@ def _raw(config):
             "module_dirs": list(config.module_dirs), "rollback_dirs": list(config.rollback_dirs),
             "state_dir": config.state_dir, "settle_timeout_s": config.settle_timeout_s,
             "allowed_prefixes": list(config.allowed_prefixes)}
+
+
+def test_a_failed_swap_is_not_retried_on_every_restart(setup, capsys):
+    """Restart=always would otherwise swap and roll back in a loop."""
+    system, config = setup
+    assert swapper(system, config, FakeKernel(system, fail_on={("load", "nvidia_uvm")})).run() == EXIT_ROLLED_BACK
+    kernel = FakeKernel(system)
+    assert swapper(system, config, kernel).run() == EXIT_REFUSED
+    assert kernel.calls == []
+    assert "already failed and was rolled back" in capsys.readouterr().err
+    assert swapper(system, config, kernel, retry=True).run() == EXIT_OK
+    assert system.versions() == FULL
+    assert not (system.root(config.state_dir) / "failed.json").exists()

@@ -364,6 +364,15 @@ class Machine:
         rc, out = self.execute(f"cat /sys/module/{module}/version")
         return out.strip() if rc == 0 else None
 
+    def driver_versions(self) -> dict[str, str | None]:
+        """Version of each loaded NVIDIA module, from sysfs."""
+        out = self.succeed("for m in /sys/module/nvidia*; do echo \"${m##*/} $(cat $m/version 2>/dev/null)\"; done")
+        return dict((line.split() + [None])[:2] for line in out.splitlines() if line.strip() and "*" not in line)
+
+    def module_addresses(self) -> dict[str, str]:
+        """Load address of each module: it changes when a module is unloaded and loaded again."""
+        return {f[0]: f[5] for f in (line.split() for line in self.succeed("cat /proc/modules").splitlines())}
+
     def loaded_modules(self) -> dict[str, str]:
         """name -> the modules using it, from /proc/modules (the kernel's own view)."""
         mods = {}
@@ -387,6 +396,12 @@ class Bed:
         args += [f"--set={k}={json.dumps(v)}" for k, v in (config or {}).items()]
         args.append("--helper" if helper else "--no-helper")
         self.machine.succeed("switch-driver " + " ".join(shlex.quote(a) for a in args))
+
+    def unit_state(self, unit: str = "nvidia-persistenced.service") -> str:
+        return self.machine.unit_property(unit, "ActiveState")
+
+    def helper(self, args: str, env: str = "") -> tuple[int, str]:
+        return self.machine.execute(f"{env} nvidia-kmod-swap --log-target stderr --config /etc/nvidia-kmod-swap/config.json {args}")
 
     def restart_persistenced(self) -> int:
         """Restarts the unit as switch-to-configuration does; returns systemctl's exit code."""

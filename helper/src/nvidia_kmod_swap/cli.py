@@ -44,7 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="what `swap` would do now, and why (read-only)")
     plan.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("check", help="for ExecCondition=: should the unit start? (see exit codes)")
-    sub.add_parser("swap", help="for ExecStartPre=: swap or load the modules; roll back on failure")
+    swap = sub.add_parser("swap", help="for ExecStartPre=: swap or load the modules; roll back on failure")
+    swap.add_argument("--retry", action="store_true",
+                      help="retry a swap that failed before with the same files (not retried otherwise)")
     return parser
 
 
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None, kernel=None, run_systemctl=None) -> int:
     if args.command == "check":
         return _check(root, config, reporter)
     if args.command == "swap":
-        return _swap(root, config, reporter, kernel, run_systemctl)
+        return _swap(root, config, reporter, kernel, run_systemctl, args.retry)
     if args.command == "plan":
         return _plan(root, config, args.json)
     return _status(root, config, args.json)
@@ -93,7 +95,7 @@ def _check(root: Root, config, reporter) -> int:
     return 0
 
 
-def _swap(root: Root, config, reporter, kernel, run_systemctl) -> int:
+def _swap(root: Root, config, reporter, kernel, run_systemctl, retry: bool = False) -> int:
     from .swap import SwapFailed, Swapper
 
     if kernel is None:
@@ -104,7 +106,7 @@ def _swap(root: Root, config, reporter, kernel, run_systemctl) -> int:
 
         kernel = SyscallKernel()
     try:
-        return Swapper(root, config, kernel, reporter, run_systemctl).run()
+        return Swapper(root, config, kernel, reporter, run_systemctl, retry=retry).run()
     except SwapFailed as e:
         reporter.event("refused", f"refused: {e}", "err", reason=str(e))
         return 1

@@ -11,10 +11,11 @@ from . import params as params_mod
 from .config import Config
 from .modinfo import ModuleFileError, find_module_files, read_modinfo
 from .paths import Root
-from .plan import Candidate, Inventory, Plan, plan_change, triage
+from .plan import Candidate, Inventory, Plan, plan_change, refuse_repeat, triage
 from .snapshot import Snapshot, read_snapshot
 
 LOADED_RECORD = "loaded.json"
+FAILED_RECORD = "failed.json"
 
 
 def candidate(path: Path) -> Candidate:
@@ -48,7 +49,14 @@ def recorded_paths(root: Root, config: Config) -> list[Path]:
         return []
 
 
-def make_plan(root: Root, config: Config, snapshot: Snapshot | None = None) -> Plan:
+def failed_record(root: Root, config: Config) -> dict | None:
+    try:
+        return json.loads(root(config.state_dir).joinpath(FAILED_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def make_plan(root: Root, config: Config, snapshot: Snapshot | None = None, retry: bool = False) -> Plan:
     snapshot = snapshot or read_snapshot(root)
     early = triage(snapshot, config)
     if early is not None:
@@ -61,4 +69,7 @@ def make_plan(root: Root, config: Config, snapshot: Snapshot | None = None) -> P
     names = set(snapshot.family()) | set(config.modules) | set(new)
     params = params_mod.collect(root, names)
     gpu_holders = holders_mod.find_holders(root) if snapshot.family() else []
-    return plan_change(snapshot, config, new, old, params, gpu_holders)
+    plan = plan_change(snapshot, config, new, old, params, gpu_holders)
+    if retry:
+        return plan
+    return refuse_repeat(plan, failed_record(root, config), str(root(config.state_dir) / FAILED_RECORD))

@@ -250,3 +250,19 @@ def plan_change(snapshot: Snapshot, config: Config, new: Inventory, old: Invento
 
     return Plan(action, change, unload=unload, load=load, rollback=tuple(rollback),
                 prerequisites=tuple(prerequisites), **base)
+
+
+def refuse_repeat(plan: Plan, failure: dict | None, record_path: str) -> Plan:
+    """Don't retry a swap that already failed with the very same files.
+
+    nvidia-persistenced has Restart=always: without this, a bad new driver would be swapped in and
+    rolled back again on every restart, taking the GPU away each time.
+    """
+    if not plan.changes_kernel or not failure:
+        return plan
+    if failure.get("driver_version") != plan.expected_version or failure.get("load") != [s.path for s in plan.load]:
+        return plan
+    return Plan(REFUSE, (f"a swap to {plan.expected_version} with these module files already failed and was "
+                         f"rolled back ({failure.get('reason', 'no reason recorded')}); not retrying it on every "
+                         f"restart. Retry with `nvidia-kmod-swap swap --retry` or remove {record_path}"),
+                plan.expected_version, plan.loaded_version, plan.running_kernel, plan.config_kernel)

@@ -17,7 +17,7 @@ from typing import Callable
 
 from . import devices
 from .config import Config
-from .facts import LOADED_RECORD, make_plan
+from .facts import FAILED_RECORD, LOADED_RECORD, make_plan
 from .journal import Reporter
 from .kmod import Kernel, KmodError
 from .paths import Root
@@ -43,6 +43,7 @@ class Swapper:
     reporter: Reporter
     run_systemctl: Callable[[list[str]], None] | None = None
     lock_timeout_s: float = 300.0
+    retry: bool = False
     kill_at_step: int | None = field(default_factory=lambda: _env_int(FAILPOINT_ENV))
     _step: int = 0
 
@@ -101,7 +102,7 @@ class Swapper:
                 code = self._recover(pending)
                 if code == EXIT_ROLLBACK_FAILED:
                     return code
-            plan = make_plan(self.root, self.config)
+            plan = make_plan(self.root, self.config, retry=self.retry)
             return self._execute(plan)
 
     def _lock(self):
@@ -163,7 +164,7 @@ class Swapper:
         for unit in plan.stop_units:
             self._systemctl(["stop", unit])
             stopped.append(unit)
-        replanned = make_plan(self.root, self.config)
+        replanned = make_plan(self.root, self.config, retry=self.retry)
         if replanned.stop_units or replanned.holders:
             return Plan(DEFER, f"the GPU is still in use after stopping {', '.join(stopped)}: "
                         + "; ".join(h.describe() for h in replanned.holders), replanned.expected_version,
@@ -210,8 +211,12 @@ class Swapper:
             reason = str(e)
             self.reporter.event("failed", f"swap to {plan.expected_version} failed: {reason}; rolling back "
                                 f"to {plan.loaded_version or 'no driver'}", "err", reason=reason)
-            return self._rollback(state, plan.rollback, reason)
+            code = self._rollback(state, plan.rollback, reason)
+            self._write(FAILED_RECORD, {"driver_version": plan.expected_version, "load": [s.path for s in plan.load],
+                                        "reason": reason, "time": time.time()})
+            return code
         self._finish(plan.load, plan.expected_version)
+        (self.state_dir / FAILED_RECORD).unlink(missing_ok=True)
         self.reporter.event("swapped", f"NVIDIA driver {plan.expected_version} loaded"
                             + (f" (was {plan.loaded_version})" if plan.loaded_version else ""), "notice",
                             modules=[s.name for s in plan.load], loaded_version=plan.expected_version,

@@ -1,0 +1,23 @@
+"""A process holds /dev/nvidia0 under on_busy=defer: nothing is unloaded, the unit is skipped (not
+failed) and the journal names the pid and its unit."""
+
+BOOT = {"driver": "old"}
+
+
+def test(machine, bed):
+    old = bed.packages["old"]["version"]
+    machine.wait_for_unit("nvidia-persistenced.service")
+    machine.succeed("systemd-run --unit=cuda-job.service /bin/bash -c 'exec 3<>/dev/nvidia0; exec sleep infinity'")
+    machine.wait_until_succeeds("ls -l /proc/$(systemctl show -P MainPID cuda-job.service)/fd | grep -q /dev/nvidia0")
+    pid = machine.unit_property("cuda-job.service", "MainPID")
+    before = machine.module_addresses()
+    bed.switch_driver("new")
+    bed.restart_persistenced()
+    machine.wait_until_succeeds("test \"$(systemctl show -P ActiveState nvidia-persistenced)\" = inactive", 60)
+    assert bed.unit_state() != "failed"
+    assert machine.unit_property("nvidia-persistenced.service", "Result") in ("exec-condition", "success")
+    assert machine.driver_versions()["nvidia"] == old
+    assert machine.module_addresses() == before, "a module was reloaded"
+    journal = machine.journal("-u nvidia-persistenced")
+    assert f"pid {pid} (sleep) holds /dev/nvidia0 [cuda-job.service]" in journal, journal[-1500:]
+    assert machine.unit_property("cuda-job.service", "ActiveState") == "active"

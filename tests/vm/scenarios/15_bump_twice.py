@@ -1,0 +1,19 @@
+"""Two bumps without a reboot: the booted system's tree holds the first driver, so the rollback for
+the second swap comes from what the helper recorded; a failure there restores the swapped-in driver."""
+
+BOOT = {"driver": "old"}
+
+
+def test(machine, bed):
+    new, newer = bed.packages["new"]["version"], bed.packages["new-b"]["version"]
+    machine.wait_for_unit("nvidia-persistenced.service")
+    bed.switch_driver("new")
+    assert bed.restart_persistenced() == 0
+    bed.switch_driver("new-b")
+    assert bed.restart_persistenced() == 0, machine.journal("-u nvidia-persistenced")[-1500:]
+    assert set(machine.driver_versions().values()) == {newer}
+    # A broken third bump rolls back to new-b, whose files are in no rollback dir but the record.
+    bed.switch_driver("uvm-fails")
+    assert bed.restart_persistenced() != 0
+    assert set(machine.driver_versions().values()) == {newer}, machine.driver_versions()
+    assert new != newer
