@@ -30,6 +30,16 @@ static int check_version(int fd)
 	return ioctl(fd, NV_FAKE_IOCTL_CHECK_VERSION, &req);
 }
 
+/* Reads the rest of the pipe before closing it, so the reader doesn't die of SIGPIPE. */
+static void drain_close(FILE *p)
+{
+	if (!p)
+		return;
+	while (fgetc(p) != EOF)
+		;
+	pclose(p);
+}
+
 /* Opens nvidiactl and every GPU minor listed in /proc/driver/nvidia/gpus; -1 on any failure. */
 static int open_devices(int *fds, int max)
 {
@@ -39,7 +49,7 @@ static int open_devices(int *fds, int max)
 
 	fds[n] = open("/dev/nvidiactl", O_RDWR);
 	if (fds[n] < 0 || check_version(fds[n]) != 0) {
-		if (p) pclose(p);
+		drain_close(p);
 		return -1;
 	}
 	n++;
@@ -47,12 +57,12 @@ static int open_devices(int *fds, int max)
 		snprintf(path, sizeof(path), "/dev/nvidia%d", minor);
 		fds[n] = open(path, O_RDWR);
 		if (fds[n] < 0 || check_version(fds[n]) != 0) {
-			pclose(p);
+			drain_close(p);
 			return -1;
 		}
 		n++;
 	}
-	if (p) pclose(p);
+	drain_close(p);
 	return n > 1 ? n : -1;
 }
 
