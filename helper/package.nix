@@ -1,0 +1,46 @@
+# The helper as a Nix package; its unit tests run in the build, its NixOS tests hang off passthru.
+{
+  lib,
+  python3Packages,
+  callPackage,
+}:
+
+python3Packages.buildPythonApplication {
+  pname = "nvidia-kmod-swap";
+  version = "0.1.0";
+  pyproject = true;
+
+  # The unit tests live beside the package, in tests/unit.
+  src = lib.fileset.toSource {
+    root = ../.;
+    fileset = lib.fileset.unions [
+      ./pyproject.toml
+      ./src
+      ../tests/unit
+    ];
+  };
+  sourceRoot = "source/helper";
+
+  build-system = [ python3Packages.setuptools ];
+
+  dependencies = with python3Packages; [
+    pyudev
+    # Renamed from `systemd` in nixpkgs; accept either name.
+    (python3Packages.systemd-python or python3Packages.systemd)
+    packaging
+    zstandard
+  ];
+
+  nativeCheckInputs = [ python3Packages.pytestCheckHook ];
+  enabledTestPaths = [ "../tests/unit" ];
+  pythonImportsCheck = [ "nvidia_kmod_swap" ];
+
+  passthru.tests = callPackage ../tests/nixos { };
+
+  meta = {
+    description = "Swap loaded NVIDIA kernel modules for the driver in the NixOS system profile, live";
+    license = lib.licenses.mit;
+    platforms = lib.platforms.linux;
+    mainProgram = "nvidia-kmod-swap";
+  };
+}
