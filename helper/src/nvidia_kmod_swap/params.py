@@ -34,6 +34,22 @@ def _config_files(root: Root) -> list[Path]:
     return [chosen[name] for name in sorted(chosen)]
 
 
+def _squeeze(text: str) -> str:
+    """Collapses runs of white space outside double quotes (continuation lines leave some)."""
+    out, quoted, space = [], False, False
+    for ch in text.strip():
+        if ch == '"':
+            quoted = not quoted
+        if ch.isspace() and not quoted:
+            space = True
+            continue
+        if space and out:
+            out.append(" ")
+        space = False
+        out.append(ch)
+    return "".join(out)
+
+
 def parse_modprobe_conf(text: str) -> list[tuple[str, str]]:
     """(module, "param=value ...") for each `options` line; continuation lines joined."""
     options = []
@@ -42,7 +58,7 @@ def parse_modprobe_conf(text: str) -> list[tuple[str, str]]:
         line = line.split("#", 1)[0].strip()
         words = line.split(None, 2)
         if len(words) >= 3 and words[0] == "options":
-            options.append((_norm(words[1]), words[2].strip()))
+            options.append((_norm(words[1]), _squeeze(words[2])))
     return options
 
 

@@ -1,0 +1,119 @@
+"""The read-only readers: config validation, module files, parameters, holders, snapshots."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import NEW, OLD, RELEASE, write_ko
+
+from nvidia_kmod_swap import config as config_mod
+from nvidia_kmod_swap import params
+from nvidia_kmod_swap.holders import find_holders, unit_of
+from nvidia_kmod_swap.modinfo import ModuleFileError, find_module_files, read_modinfo
+from nvidia_kmod_swap.snapshot import read_snapshot
+
+MINIMAL = {"driver_version": NEW, "kernel_release": RELEASE, "module_dirs": ["/nix/store/x"]}
+
+
+def test_config_defaults():
+    cfg = config_mod.parse(MINIMAL)
+    assert cfg.on_busy == "defer" and cfg.on_kernel_change == "defer"
+    assert cfg.modules == ("nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm")
+    assert cfg.allowed_prefixes == ("/nix/store/",) and cfg.verify_command is None
+
+
+@pytest.mark.parametrize("patch, words", [
+    ({"driver_version": 570}, "'driver_version'"),
+    ({"module_dirs": ["relative/dir"]}, "not an absolute path"),
+    ({"module_dirs": []}, "at least one"),
+    ({"on_busy": "kill"}, "expected one of defer, fail, stop-units"),
+    ({"on_busy": "stop-units"}, "'stop_units'"),
+    ({"verify_command": ["nvidia-smi"]}, "must be an absolute path"),
+    ({"verify_command": []}, "'verify_command'"),
+    ({"settle_timeout_s": True}, "'settle_timeout_s'"),
+    ({"state_dir": "run/x"}, "'state_dir'"),
+    ({"extra": 1}, "unknown key(s) 'extra'"),
+])
+def test_config_errors_name_the_key(patch, words):
+    with pytest.raises(config_mod.ConfigError) as e:
+        config_mod.parse({**MINIMAL, **patch})
+    assert words in str(e.value)
+
+
+def test_config_missing_keys_and_top_level():
+    with pytest.raises(config_mod.ConfigError, match="'kernel_release'"):
+        config_mod.parse({"driver_version": NEW, "module_dirs": ["/x"]})
+    with pytest.raises(config_mod.ConfigError, match="JSON object"):
+        config_mod.parse([1])
+
+
+def test_config_module_names_normalized(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({**MINIMAL, "modules": ["nvidia", "nvidia-uvm"]}))
+    assert config_mod.load(path).modules == ("nvidia", "nvidia_uvm")
+
+
+@pytest.mark.parametrize("compression", ["", "xz", "zst"])
+def test_modinfo_reads_plain_and_compressed(tmp_path, compression):
+    path = write_ko(tmp_path, "nvidia_drm", NEW, compression=compression)
+    info = read_modinfo(path)
+    assert (info.name, info.version, info.kernel_release) == ("nvidia_drm", NEW, RELEASE)
+    assert info.depends == ("nvidia_modeset", "nvidia")
+
+
+def test_modinfo_rejects_bad_files(tmp_path):
+    good = write_ko(tmp_path, "nvidia", NEW)
+    data = good.read_bytes()
+    cases = {"trunc.ko": data[: len(data) - 40], "text.ko": b"hello", "short.ko": data[:100]}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ModuleFileError):
+            read_modinfo(tmp_path / name)
+    (tmp_path / "bad.ko.xz").write_bytes(b"not xz")
+    with pytest.raises(ModuleFileError, match="bad xz"):
+        read_modinfo(tmp_path / "bad.ko.xz")
+
+
+def test_find_module_files_in_both_layouts(tmp_path):
+    write_ko(tmp_path / "a/misc", "nvidia_uvm", NEW)
+    write_ko(tmp_path / "b/kernel/drivers/video", "nvidia", NEW, compression="xz")
+    found = find_module_files([str(tmp_path / "a"), str(tmp_path / "b")])
+    assert set(found) == {"nvidia_uvm", "nvidia"}
+    assert found["nvidia"][0].name == "nvidia.ko.xz"
+
+
+def test_modprobe_options_and_cmdline(tmp_path):
+    from nvidia_kmod_swap.paths import Root
+    root = Root(tmp_path)
+    (tmp_path / "etc/modprobe.d").mkdir(parents=True)
+    (tmp_path / "usr/lib/modprobe.d").mkdir(parents=True)
+    (tmp_path / "etc/modprobe.d/nvidia.conf").write_text(
+        "# comment\noptions nvidia NVreg_A=1 \\\n  NVreg_B=2\noptions nvidia NVreg_RegistryDwords=\"a;  b\"\noptions nvidia-drm modeset=1 # trailing\nblacklist nouveau\n")
+    (tmp_path / "usr/lib/modprobe.d/nvidia.conf").write_text("options nvidia NVreg_HIDDEN=1\n")  # hidden by /etc's
+    (tmp_path / "usr/lib/modprobe.d/other.conf").write_text("options nvidia_uvm uvm_perf=1\noptions e1000 x=1\n")
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc/cmdline").write_text('quiet nvidia.NVreg_A=3 nvidia_drm.fbdev=1 foo.bar="a b" init=/x\n')
+    got = params.collect(root, {"nvidia", "nvidia_drm", "nvidia-uvm"})
+    assert got == {"nvidia": "NVreg_A=1 NVreg_B=2 NVreg_RegistryDwords=\"a;  b\" NVreg_A=3", "nvidia_drm": "modeset=1 fbdev=1", "nvidia_uvm": "uvm_perf=1"}
+
+
+def test_unit_of_cgroup_lines():
+    assert unit_of("0::/system.slice/ollama.service\n") == "ollama.service"
+    assert unit_of("0::/user.slice/user-1000.slice/user@1000.service/app.slice/app-foo.scope\n") == "app-foo.scope"
+    assert unit_of("1:name=systemd:/system.slice/x.service\n2:cpu:/\n") == "x.service"
+    assert unit_of("0::/\n") is None
+
+
+def test_holders_and_snapshot(system):
+    system.load_driver(OLD, names=("nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm", "nvidia_peermem"))
+    system.add("gdrdrv", "2.4.4", ("nvidia",))
+    system.add("e1000", None, ())
+    system.hold_device(10, "Xorg", None, "/dev/nvidiactl")
+    holders = find_holders(system.root)
+    assert [(h.pid, h.comm, h.path, h.unit) for h in holders] == [(10, "Xorg", "/dev/nvidiactl", "session-2.scope")]
+    snap = read_snapshot(system.root)
+    assert snap.family() == ["gdrdrv", "nvidia", "nvidia_drm", "nvidia_modeset", "nvidia_peermem", "nvidia_uvm"]
+    assert snap.modules["nvidia"].holders >= {"gdrdrv", "nvidia_peermem"}
+    assert snap.modules["nvidia"].refcnt == 6
+    assert snap.version("nvidia") == OLD and snap.kernel_release == RELEASE
