@@ -7,13 +7,9 @@ Run by systemd before nvidia-persistenced starts:
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-from pathlib import Path
 
-from . import config as config_mod
-from .paths import Root
+from .quick import try_noop
 
 EXIT_CONFIG = 255
 EPILOG = """\
@@ -28,7 +24,12 @@ SYSLOG_IDENTIFIER=nvidia-kmod-swap) with its reason, versions, modules and GPU h
 """
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser():
+    import argparse
+    from pathlib import Path
+
+    from . import config as config_mod
+
     parser = argparse.ArgumentParser(
         prog="nvidia-kmod-swap", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
@@ -51,9 +52,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, kernel=None, run_systemctl=None) -> int:
+    # Versions match (every start of nvidia-persistenced): answer before importing the rest.
+    code = try_noop(sys.argv[1:] if argv is None else argv)
+    if code is not None:
+        return code
+    from . import config as config_mod
+    from .journal import Reporter
+    from .paths import Root
+
     args = _parser().parse_args(argv)
     root = Root(args.root)
-    from .journal import Reporter
 
     reporter = Reporter("stderr" if args.log_target == "stderr" else args.log_target)
     try:
@@ -70,13 +78,11 @@ def main(argv: list[str] | None = None, kernel=None, run_systemctl=None) -> int:
     return _status(root, config, args.json)
 
 
-def _pending(root: Root, config) -> bool:
-    from .swap import STATE_FILE
-
-    return root(config.state_dir).joinpath(STATE_FILE).exists()
+def _pending(root, config) -> bool:
+    return root(config.state_dir).joinpath("swap.json").exists()
 
 
-def _check(root: Root, config, reporter) -> int:
+def _check(root, config, reporter) -> int:
     from .facts import make_plan
     from .plan import DEFER, REFUSE
 
@@ -95,7 +101,7 @@ def _check(root: Root, config, reporter) -> int:
     return 0
 
 
-def _swap(root: Root, config, reporter, kernel, run_systemctl, retry: bool = False) -> int:
+def _swap(root, config, reporter, kernel, run_systemctl, retry: bool = False) -> int:
     from .swap import SwapFailed, Swapper
 
     if kernel is None:
@@ -112,7 +118,9 @@ def _swap(root: Root, config, reporter, kernel, run_systemctl, retry: bool = Fal
         return 1
 
 
-def _plan(root: Root, config, as_json: bool) -> int:
+def _plan(root, config, as_json: bool) -> int:
+    import json
+
     from .facts import make_plan
 
     plan = make_plan(root, config)
@@ -133,7 +141,9 @@ def _plan(root: Root, config, as_json: bool) -> int:
     return 0
 
 
-def _status(root: Root, config, as_json: bool) -> int:
+def _status(root, config, as_json: bool) -> int:
+    import json
+
     from .holders import find_holders
     from .snapshot import read_snapshot
 

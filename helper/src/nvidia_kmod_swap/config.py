@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .quick import KEYS
+
 DEFAULT_PATH = Path("/etc/nvidia-kmod-swap/config.json")
 DEFAULT_MODULES = ("nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm")
 ON_BUSY = ("defer", "fail", "stop-units")
@@ -84,6 +86,7 @@ PARSERS = {
     "allowed_prefixes": _abs_list,
 }
 REQUIRED = ("driver_version", "kernel_release", "module_dirs")
+assert set(PARSERS) == KEYS, "quick.KEYS and config.PARSERS must name the same keys"
 
 
 def _abs_argv(key: str, value: object) -> tuple[str, ...]:

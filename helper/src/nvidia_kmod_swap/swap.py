@@ -25,7 +25,7 @@ from .plan import DEFER, LOAD, NONE, REFUSE, LoadStep, Plan, driver_modules_curr
 from .snapshot import read_snapshot
 
 EXIT_OK, EXIT_REFUSED, EXIT_ROLLED_BACK, EXIT_ROLLBACK_FAILED, EXIT_DEFERRED = 0, 1, 3, 4, 75
-STATE_FILE = "swap.json"
+STATE_FILE = "swap.json"  # quick.py and cli.py look for this name too
 LOCK_FILE = "lock"
 # Test hook for the crash scenarios: SIGKILL ourselves right after the state for step N is written.
 FAILPOINT_ENV = "NVIDIA_KMOD_SWAP_KILL_AT_STEP"

@@ -1,0 +1,152 @@
+#!/usr/bin/python3
+"""Runs inside the test bed guest (python3 of Debian): times the helper against its floors.
+
+Prints one JSON object. Every comparison is measured in this one run, interleaved, so the ratios
+hold whatever the speed of the (emulated) machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONFIG = "/etc/nvidia-kmod-swap/config.json"
+HELPER = ["/usr/bin/nvidia-kmod-swap", "--log-target", "stderr", "--config", CONFIG]
+PACKAGES = json.loads(Path("/etc/testbed/packages.json").read_text())["packages"]
+SEED = Path("/usr/local/lib/testbed/seed-script.sh")
+DRIVER = ["nvidia", "nvidia-modeset", "nvidia-uvm", "nvidia-drm"]
+NOOP_RUNS = int(os.environ.get("BENCH_NOOP_RUNS", "30"))
+SWAP_RUNS = int(os.environ.get("BENCH_SWAP_RUNS", "6"))
+
+
+def run(argv: list[str], check: bool = True) -> tuple[float, int]:
+    """(wall seconds, max RSS KiB) of one child process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - start
+    err = proc.stderr.read().decode(errors="replace")
+    proc.stderr.close()
+    code = os.waitstatus_to_exitcode(status)
+    if check and code != 0:
+        sys.exit(f"bench: {' '.join(argv)} exited {code}: {err[-800:]}")
+    return elapsed, usage.ru_maxrss
+
+
+def switch(label: str, extra: list[str] = ()) -> None:
+    subprocess.run(["switch-driver", label, "--no-reload", *extra], check=True)
+
+
+def module_paths(label: str, names: list[str]) -> list[str]:
+    root = Path(PACKAGES[label]["module_dir"])
+    return [str(next(root.rglob(f"{name}.ko*"))) for name in names]
+
+
+def median_ms(samples: list[float]) -> float:
+    return round(statistics.median(samples) * 1000, 2)
+
+
+def noop(label: str) -> dict:
+    """Versions equal: the helper's check + swap, the floor, the seed script; interleaved."""
+    switch(label)
+    version = PACKAGES[label]["version"]
+    floor_cmd = ["/bin/sh", "-c", f'read v < /sys/module/nvidia/version && [ "$v" = "{version}" ]']
+    helper, floor, seed, rss = [], [], [], []
+    for _ in range(NOOP_RUNS):
+        t1, r1 = run(HELPER + ["check"])
+        t2, r2 = run(HELPER + ["swap"])
+        helper.append(t1 + t2)
+        rss.append(max(r1, r2))
+        floor.append(run(floor_cmd)[0])
+        if SEED.exists():
+            seed.append(run(["/bin/bash", str(SEED)])[0])
+    result = {"helper_ms": median_ms(helper), "floor_ms": median_ms(floor), "max_rss_kib": max(rss)}
+    if seed:
+        result["seed_script_ms"] = median_ms(seed)
+    return result
+
+
+def bare_swap(to: str, names: list[str], params: str) -> None:
+    """The kernel work alone: rmmod users first, insmod the new files, wait for udev to settle."""
+    for name in reversed(names):
+        subprocess.run(["rmmod", name.replace("-", "_")], check=True)
+    for path in module_paths(to, names):
+        argv = ["insmod", path] + (params.split() if path.split("/")[-1].startswith("nvidia.ko") and params else [])
+        subprocess.run(argv, check=True)
+    subprocess.run(["udevadm", "settle"], check=True)
+    for node in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/nvidia-uvm"):
+        if not os.path.exists(node):
+            sys.exit(f"bench: {node} missing after a bare swap")
+
+
+def swaps(names: list[str], gpus: int) -> dict:
+    """Full swaps old<->new by the helper vs. the same rmmod/insmod by hand; interleaved."""
+    params = f"gpus={gpus}" if gpus != 1 else ""
+    Path("/etc/modprobe.d/bench.conf").write_text(f"options nvidia {params}\n" if params else "")
+    modules = [n.replace("-", "_") for n in names]
+    extra = ["--set", f"modules={json.dumps(modules)}"]
+    helper, bare, rss = [], [], []
+    for _ in range(SWAP_RUNS):
+        for target in ("new", "old"):
+            switch(target, extra)
+            t, r = run(HELPER + ["swap"])
+            helper.append(t)
+            rss.append(r)
+        for target in ("new", "old"):
+            start = time.perf_counter()
+            bare_swap(target, names, params)
+            bare.append(time.perf_counter() - start)
+    count = len(list(Path("/proc/driver/nvidia/gpus").iterdir()))
+    assert count == gpus, f"{count} GPUs, expected {gpus}"
+    return {"helper_ms": median_ms(helper), "bare_ms": median_ms(bare), "max_rss_kib": max(rss)}
+
+
+def slope(points: dict[int, float]) -> float:
+    """Least-squares ms per GPU."""
+    xs, ys = list(points), list(points.values())
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    return round(sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs), 3)
+
+
+def main() -> int:
+    out: dict = {"noop_runs": NOOP_RUNS, "swap_runs_per_direction": SWAP_RUNS}
+    # The no-op path, as on every start of nvidia-persistenced.
+    base = noop("old")
+    out["noop"] = base
+    out["noop_ratio_vs_floor"] = round(base["helper_ms"] / base["floor_ms"], 2)
+    if "seed_script_ms" in base:
+        out["noop_ratio_vs_seed_script"] = round(base["helper_ms"] / base["seed_script_ms"], 2)
+    # Full swaps with 4 modules and 1 GPU, then the scaling runs.
+    scale_swap, scale_bare, scale_noop = {}, {}, {}
+    for gpus in (1, 8, 32):
+        result = swaps(DRIVER, gpus)
+        out[f"swap_gpus_{gpus}"] = result
+        scale_swap[gpus], scale_bare[gpus] = result["helper_ms"], result["bare_ms"]
+        scale_noop[gpus] = noop("old")["helper_ms"]
+    out["swap_ratio_vs_bare"] = round(out["swap_gpus_1"]["helper_ms"] / out["swap_gpus_1"]["bare_ms"], 2)
+    out["swap_ms_per_gpu"] = slope(scale_swap)
+    out["bare_ms_per_gpu"] = slope(scale_bare)
+    out["noop_ms_per_gpu"] = slope(scale_noop)
+    with_peermem = swaps(DRIVER + ["nvidia-peermem"], 1)
+    out["swap_5_modules"] = with_peermem
+    out["swap_ratio_5_vs_4_modules"] = round(with_peermem["helper_ms"] / out["swap_gpus_1"]["helper_ms"], 2)
+    out["max_rss_kib"] = {"noop": base["max_rss_kib"],
+                          "swap": max(v["max_rss_kib"] for k, v in out.items() if k.startswith("swap_") and isinstance(v, dict))}
+    out["targets"] = {
+        "noop <= 2x floor": out["noop_ratio_vs_floor"] <= 2,
+        "noop <= 0.5x seed script": out.get("noop_ratio_vs_seed_script", 0) <= 0.5 if "noop_ratio_vs_seed_script" in out else None,
+        "swap <= 1.2x bare": out["swap_ratio_vs_bare"] <= 1.2,
+        "per-GPU growth <= bare's": out["swap_ms_per_gpu"] <= max(out["bare_ms_per_gpu"], 0) + 1,
+        "max RSS <= 30 MiB": max(out["max_rss_kib"].values()) <= 30 * 1024,
+    }
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
