@@ -434,6 +434,9 @@ class Testbed:
         machine = Machine(name, boot, workdir)
         try:
             machine.start(initrd, self.abi)
+        except BaseException:
+            machine.shutdown()  # a guest that never answered must not outlive the run
+            raise
         finally:
             initrd.unlink(missing_ok=True)  # the guest has it in memory now
         return machine, Bed(machine, self.index["packages"], boot)
