@@ -25,8 +25,6 @@ python3Packages.buildPythonApplication {
 
   dependencies = with python3Packages; [
     pyudev
-    # Renamed from `systemd` in nixpkgs; accept either name.
-    (python3Packages.systemd-python or python3Packages.systemd)
     packaging
     zstandard
   ];

@@ -117,3 +117,22 @@ def test_holders_and_snapshot(system):
     assert snap.modules["nvidia"].holders >= {"gdrdrv", "nvidia_peermem"}
     assert snap.modules["nvidia"].refcnt == 6
     assert snap.version("nvidia") == OLD and snap.kernel_release == RELEASE
+
+
+def test_journal_entries_in_the_native_format(tmp_path):
+    """What journald receives: a real datagram socket stands in for /run/systemd/journal/socket."""
+    import socket
+
+    from nvidia_kmod_swap.journal import MESSAGE_IDS, Reporter
+
+    path = str(tmp_path / "journal.socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(path)
+        Reporter("journal", socket_path=path).event("rolled-back", "rolled back:\nline two", "err",
+                                                    reason="uvm", holder_pids=[1, 2], modules=())
+        data = server.recv(65536)
+    assert data.startswith(b"MESSAGE\n" + len(b"rolled back:\nline two").to_bytes(8, "little") + b"rolled back:\nline two\n")
+    fields = dict(line.split("=", 1) for line in data.decode().split("\n")[3:] if "=" in line)
+    assert fields["MESSAGE_ID"] == MESSAGE_IDS["rolled-back"] and fields["PRIORITY"] == "3"
+    assert fields["NVIDIA_REASON"] == "uvm" and fields["NVIDIA_HOLDER_PIDS"] == "1 2"
+    assert "NVIDIA_MODULES" not in fields and fields["SYSLOG_IDENTIFIER"] == "nvidia-kmod-swap"

@@ -14,8 +14,6 @@ KEYS = frozenset({
     "driver_version", "kernel_release", "module_dirs", "modules", "rollback_dirs", "on_busy",
     "on_kernel_change", "stop_units", "verify_command", "settle_timeout_s", "state_dir", "allowed_prefixes",
 })
-NOOP_MESSAGE_ID = "8f0cf8de96516352941d2006d9a066e4"  # journal.MESSAGE_IDS["noop"]
-JOURNAL_SOCKET = "/run/systemd/journal/socket"
 
 
 def _parse(argv: list[str]) -> dict | None:
@@ -85,18 +83,7 @@ def try_noop(argv: list[str]) -> int | None:
 
 
 def _report(message: str, version: str, target: str) -> None:
-    """The `noop` journal entry, over journald's native protocol (what systemd-python sends)."""
-    if target != "stderr" and os.path.exists(JOURNAL_SOCKET):
-        import socket
+    """The `noop` journal entry (journal.py imports nothing heavy)."""
+    from .journal import Reporter
 
-        fields = {"MESSAGE": message, "MESSAGE_ID": NOOP_MESSAGE_ID, "PRIORITY": "6",
-                  "SYSLOG_IDENTIFIER": "nvidia-kmod-swap", "NVIDIA_EVENT": "noop", "NVIDIA_ACTION": "none",
-                  "NVIDIA_LOADED_VERSION": version, "NVIDIA_EXPECTED_VERSION": version}
-        payload = "".join(f"{k}={v}\n" for k, v in fields.items()).encode()
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-                sock.sendto(payload, JOURNAL_SOCKET)
-            return
-        except OSError:
-            pass
-    os.write(2, f"nvidia-kmod-swap: {message}\n".encode())
+    Reporter(target).event("noop", message, action="none", loaded_version=version, expected_version=version)
