@@ -319,25 +319,22 @@ class Machine:
             raise GuestError(f"command unexpectedly succeeded: {cmd}\n{out}")
         return out
 
-    def wait_until_succeeds(self, cmd: str, timeout: float = 60) -> str:
+    def _wait_until(self, cmd: str, timeout: float, succeed: bool) -> str:
         deadline = time.monotonic() + timeout
         while True:
             rc, out = self.execute(cmd, timeout=max(5.0, timeout))
-            if rc == 0:
+            if (rc == 0) == succeed:
                 return out
             if time.monotonic() > deadline:
-                raise GuestError(f"timed out after {timeout}s waiting for: {cmd}\nlast output:\n{out}")
+                want = "success" if succeed else "failure"
+                raise GuestError(f"timed out after {timeout}s waiting for {want} of: {cmd}\nlast output:\n{out}")
             time.sleep(0.5)
 
+    def wait_until_succeeds(self, cmd: str, timeout: float = 60) -> str:
+        return self._wait_until(cmd, timeout, succeed=True)
+
     def wait_until_fails(self, cmd: str, timeout: float = 60) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            rc, out = self.execute(cmd, timeout=max(5.0, timeout))
-            if rc != 0:
-                return out
-            if time.monotonic() > deadline:
-                raise GuestError(f"timed out after {timeout}s waiting for failure of: {cmd}")
-            time.sleep(0.5)
+        return self._wait_until(cmd, timeout, succeed=False)
 
     def wait_for_unit(self, unit: str, timeout: float = 120) -> None:
         """Waits until UNIT is active; fails at once if it failed (as the NixOS driver does)."""
