@@ -21,7 +21,7 @@ from .facts import FAILED_RECORD, LOADED_RECORD, make_plan
 from .journal import Reporter
 from .kmod import Kernel, KmodError
 from .paths import Root
-from .plan import DEFER, LOAD, NONE, REFUSE, LoadStep, Plan, driver_modules_current, unload_order
+from .plan import DEFER, NONE, REFUSE, LoadStep, Plan, driver_modules_current, unload_order
 from .snapshot import read_snapshot
 
 EXIT_OK, EXIT_REFUSED, EXIT_ROLLED_BACK, EXIT_ROLLBACK_FAILED, EXIT_DEFERRED = 0, 1, 3, 4, 75
@@ -148,8 +148,8 @@ class Swapper:
         try:
             if plan.stop_units:
                 plan = self._stop_units(plan, stopped)
-                if plan.action != LOAD and plan.action != "swap":
-                    return self._execute(plan)
+                if not plan.changes_kernel:
+                    return self._execute(plan)  # deferred after all, or someone else swapped meanwhile
             self.reporter.event("plan", f"{plan.reason}: unload {' '.join(plan.unload) or 'nothing'}; "
                                         f"load {' '.join(s.name for s in plan.load)}", "notice",
                                 modules=[s.name for s in plan.load], **fields)
