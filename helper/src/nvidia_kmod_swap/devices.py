@@ -95,23 +95,27 @@ def wait_for_nodes(root: Root, loaded: set[str], timeout: float, poll: float = 0
     """Waits until udev has settled and every expected node is right; returns what is still wrong."""
     deadline = time.monotonic() + timeout
     replayed: set[str] = set()
+    # What the loaded driver registered does not change while we wait: read it once, not per poll
+    # (with 32 GPUs that is 33 files under /proc, and polls are 20 ms apart).
+    expected: list[Node] | None = None
     while True:
         problems = []
-        if not udev_busy(root):
-            for node in expected_nodes(root, loaded):
+        if udev_busy(root):
+            problems = ["udev is still processing events"]
+        else:
+            if not expected:
+                expected = expected_nodes(root, loaded)
+            for node in expected:
                 problem = node_problem(root, node)
                 if problem is None:
                     continue
                 problems.append(problem)
-                stale = Path(root(node.path))
                 if "registered" in problem and node.module not in replayed:
-                    stale.unlink(missing_ok=True)
+                    Path(root(node.path)).unlink(missing_ok=True)
                     replay_add(root, node.module)
                     replayed.add(node.module)
             if not problems:
                 return []
-        else:
-            problems = ["udev is still processing events"]
         if time.monotonic() >= deadline:
             return problems
         time.sleep(poll)
