@@ -168,11 +168,17 @@ def test_busy_defers_without_touching(setup):
     assert kernel.calls == [] and system.versions() == BEFORE
 
 
-def test_stop_units_stops_swaps_and_starts_again(system, store):
+@pytest.fixture
+def busy_stop_units(system, store):
+    """train.service (pid 77) holds /dev/nvidia0; on_busy=stop-units may stop it."""
     old_dir, new_dir = write_driver(store, OLD), write_driver(store, NEW)
     system.load_driver(OLD)
     system.hold_device(77, "python3", "train.service")
-    config = parse(make_config(store, [new_dir], [old_dir], on_busy="stop-units", stop_units=["train.service"]))
+    return system, parse(make_config(store, [new_dir], [old_dir], on_busy="stop-units", stop_units=["train.service"]))
+
+
+def test_stop_units_stops_swaps_and_starts_again(busy_stop_units):
+    system, config = busy_stop_units
     calls = []
 
     def systemctl(args):
@@ -185,11 +191,8 @@ def test_stop_units_stops_swaps_and_starts_again(system, store):
     assert system.versions() == FULL
 
 
-def test_stop_units_that_do_not_free_the_gpu_defer_and_restart_them(system, store):
-    old_dir, new_dir = write_driver(store, OLD), write_driver(store, NEW)
-    system.load_driver(OLD)
-    system.hold_device(77, "python3", "train.service")
-    config = parse(make_config(store, [new_dir], [old_dir], on_busy="stop-units", stop_units=["train.service"]))
+def test_stop_units_that_do_not_free_the_gpu_defer_and_restart_them(busy_stop_units):
+    system, config = busy_stop_units
     calls = []
     assert swapper(system, config, run_systemctl=calls.append).run() == EXIT_DEFERRED
     assert calls[-1] == ["start", "--no-block", "train.service"] and system.versions() == BEFORE
