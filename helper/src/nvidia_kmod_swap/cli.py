@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from .quick import try_noop
+from .quick import STATE_FILE, try_noop
 
 EXIT_CONFIG = 255
 EPILOG = """\
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None, kernel=None, run_systemctl=None) -> int:
 
 
 def _pending(root, config) -> bool:
-    return root(config.state_dir).joinpath("swap.json").exists()
+    return root(config.state_dir).joinpath(STATE_FILE).exists()
 
 
 def _check(root, config, reporter) -> int:

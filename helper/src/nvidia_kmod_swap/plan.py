@@ -166,11 +166,10 @@ def find_rollback(name: str, snapshot: Snapshot, candidates: list[Candidate], co
     return None
 
 
-def _busy(snapshot: Snapshot, family: list[str], holders: list[Holder]) -> tuple[list[Holder], list[str]]:
-    """Process holders, and modules whose refcount is not explained by the modules holding them."""
-    unexplained = [f"{n} (refcount {snapshot.modules[n].refcnt}, {len(snapshot.modules[n].holders)} holder modules)"
-                   for n in family if snapshot.modules[n].refcnt > len(snapshot.modules[n].holders)]
-    return holders, unexplained
+def _kernel_users(snapshot: Snapshot, family: list[str]) -> list[str]:
+    """Modules whose refcount is not explained by the modules holding them (open files, fbcon, ...)."""
+    return [f"{n} (refcount {snapshot.modules[n].refcnt}, {len(snapshot.modules[n].holders)} holder modules)"
+            for n in family if snapshot.modules[n].refcnt > len(snapshot.modules[n].holders)]
 
 
 def plan_change(snapshot: Snapshot, config: Config, new: Inventory, old: Inventory,
@@ -229,7 +228,7 @@ def plan_change(snapshot: Snapshot, config: Config, new: Inventory, old: Invento
               else f"load NVIDIA driver {config.driver_version}")
 
     if action == SWAP:
-        procs, unexplained = _busy(snapshot, family, holders)
+        procs, unexplained = holders, _kernel_users(snapshot, family)
         if procs or unexplained:
             who = [h.describe() for h in procs] or [f"kernel users of {', '.join(unexplained)}"]
             units = sorted({h.unit for h in procs if h.unit})

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 
+STATE_FILE = "swap.json"  # an interrupted swap's record, in the state dir
 # The config keys (config.py checks that its parsers cover exactly these).
 KEYS = frozenset({
     "driver_version", "kernel_release", "module_dirs", "modules", "rollback_dirs", "on_busy",
@@ -65,7 +66,7 @@ def try_noop(argv: list[str]) -> int | None:
     def path(p: str) -> str:
         return os.path.join(root, p.lstrip("/"))
 
-    if os.path.lexists(os.path.join(path(state_dir), "swap.json")):
+    if os.path.lexists(os.path.join(path(state_dir), STATE_FILE)):
         return None  # an interrupted swap: the full path recovers it
     modules = _read(path("/proc/modules"))
     if modules is None:

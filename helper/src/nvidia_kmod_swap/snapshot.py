@@ -32,15 +32,19 @@ class Snapshot:
 
     def family(self) -> list[str]:
         """Loaded NVIDIA modules and, transitively, every module that holds one of them."""
-        todo = [name for name in self.modules if name.startswith("nvidia")]
-        seen: set[str] = set()
-        while todo:
-            name = todo.pop()
-            if name in seen or name not in self.modules:
-                continue
-            seen.add(name)
-            todo.extend(self.modules[name].holders)
-        return sorted(seen)
+        return sorted(nvidia_family({name: m.holders for name, m in self.modules.items()}))
+
+
+def nvidia_family(holders: dict[str, frozenset[str]]) -> set[str]:
+    """The loaded modules named nvidia* and, transitively, every module holding one of them."""
+    todo = [name for name in holders if name.startswith("nvidia")]
+    family: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name not in family and name in holders:
+            family.add(name)
+            todo.extend(holders[name])
+    return family
 
 
 def _read(path) -> str | None:
@@ -60,13 +64,7 @@ def read_snapshot(root: Root) -> Snapshot:
         if len(fields) >= 5:
             rows[fields[0]] = fields
     users = {name: frozenset(u for u in f[3].strip(",").split(",") if u and u != "-") for name, f in rows.items()}
-    family: set[str] = set()
-    todo = [name for name in rows if name.startswith("nvidia")]
-    while todo:
-        name = todo.pop()
-        if name not in family and name in rows:
-            family.add(name)
-            todo.extend(users[name])
+    family = nvidia_family(users)
     modules: dict[str, LoadedModule] = {}
     for name, fields in rows.items():
         refcnt = int(fields[2]) if fields[2].lstrip("-").isdigit() else 0

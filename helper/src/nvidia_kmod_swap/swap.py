@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import fcntl
 import json
+from contextlib import contextmanager
 import os
 import signal
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -21,11 +22,11 @@ from .facts import FAILED_RECORD, LOADED_RECORD, make_plan
 from .journal import Reporter
 from .kmod import Kernel, KmodError
 from .paths import Root
+from .quick import STATE_FILE
 from .plan import DEFER, NONE, REFUSE, LoadStep, Plan, driver_modules_current, unload_order
 from .snapshot import read_snapshot
 
 EXIT_OK, EXIT_REFUSED, EXIT_ROLLED_BACK, EXIT_ROLLBACK_FAILED, EXIT_DEFERRED = 0, 1, 3, 4, 75
-STATE_FILE = "swap.json"  # quick.py and cli.py look for this name too
 LOCK_FILE = "lock"
 # Test hook for the crash scenarios: SIGKILL ourselves right after the state for step N is written.
 FAILPOINT_ENV = "NVIDIA_KMOD_SWAP_KILL_AT_STEP"
@@ -105,30 +106,26 @@ class Swapper:
             plan = make_plan(self.root, self.config, retry=self.retry)
             return self._execute(plan)
 
+    @contextmanager
     def _lock(self):
-        swapper = self
-
-        class Lock:
-            def __enter__(self):
-                self.fd = os.open(swapper.state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-                deadline = time.monotonic() + swapper.lock_timeout_s
-                waited = False
-                while True:
-                    try:
-                        fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        return self
-                    except BlockingIOError:
-                        if not waited:
-                            swapper.reporter.event("step", "another nvidia-kmod-swap run holds the lock; waiting", "notice")
-                            waited = True
-                        if time.monotonic() > deadline:
-                            raise SwapFailed(f"another run held {swapper.state_dir / LOCK_FILE} for {swapper.lock_timeout_s:.0f}s")
-                        time.sleep(0.1)
-
-            def __exit__(self, *exc):
-                os.close(self.fd)
-
-        return Lock()
+        fd = os.open(self.state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            deadline = time.monotonic() + self.lock_timeout_s
+            waited = False
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if not waited:
+                        self.reporter.event("step", "another nvidia-kmod-swap run holds the lock; waiting", "notice")
+                        waited = True
+                    if time.monotonic() > deadline:
+                        raise SwapFailed(f"another run held {self.state_dir / LOCK_FILE} for {self.lock_timeout_s:.0f}s")
+                    time.sleep(0.1)
+            yield
+        finally:
+            os.close(fd)
 
     # -- executing a plan ------------------------------------------------------------------------
     def _execute(self, plan: Plan) -> int:
@@ -193,8 +190,8 @@ class Swapper:
 
     def _swap(self, plan: Plan) -> int:
         self._step = 0
-        state = {"format": 1, "plan": plan.to_json(), "rollback": [s.__dict__ for s in plan.rollback],
-                 "load": [s.__dict__ for s in plan.load], "started": time.time()}
+        state = {"format": 1, "plan": plan.to_json(), "rollback": _step_dicts(plan.rollback),
+                 "load": _step_dicts(plan.load), "started": time.time()}
         try:
             for name in plan.prerequisites:
                 self._record_step(state, "prerequisites", f"load {name} from the running kernel's tree")
@@ -223,9 +220,8 @@ class Swapper:
                             previous_version=plan.loaded_version)
         return EXIT_OK
 
-    def _finish(self, load: tuple[LoadStep, ...] | list, version: str) -> None:
-        steps = [s if isinstance(s, dict) else s.__dict__ for s in load]
-        self._write(LOADED_RECORD, {"driver_version": version, "modules": steps})
+    def _finish(self, load, version: str) -> None:
+        self._write(LOADED_RECORD, {"driver_version": version, "modules": _step_dicts(load)})
         (self.state_dir / STATE_FILE).unlink(missing_ok=True)
 
     def _verify(self, plan: Plan) -> None:
@@ -268,7 +264,7 @@ class Swapper:
                 raise SwapFailed("; ".join(problems))
 
     def _rollback(self, state: dict, rollback, reason: str) -> int:
-        steps = [s if isinstance(s, dict) else s.__dict__ for s in rollback]
+        steps = _step_dicts(rollback)
         state.update(phase="rolling-back", reason=reason)
         self._write(STATE_FILE, state)
         try:
@@ -304,6 +300,11 @@ class Swapper:
         self.reporter.event("recovery", f"an interrupted swap (at {state.get('phase')}, step {state.get('step')}) "
                             f"is rolled back to {plan.get('loaded_version') or 'no driver'}", "warning")
         return self._rollback(state, state.get("rollback", []), f"recovering from an interrupted swap at {state.get('phase')}")
+
+
+def _step_dicts(steps) -> list[dict]:
+    """LoadSteps of a plan, or the dicts a state file recorded of them, as dicts."""
+    return [s if isinstance(s, dict) else asdict(s) for s in steps]
 
 
 def _env_int(name: str) -> int | None:
