@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import NEW, OLD, FakeKernel, make_config, write_config, write_driver
+from fakesys import NEW, OLD, FakeKernel, make_config, write_config, write_driver
 
 from nvidia_kmod_swap.cli import main
 

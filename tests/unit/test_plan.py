@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import NEW, OLD, RELEASE, write_driver, write_ko
+from fakesys import NEW, OLD, RELEASE, write_driver, write_ko
 
 from nvidia_kmod_swap.config import parse
 from nvidia_kmod_swap.facts import make_plan

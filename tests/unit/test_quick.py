@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import NEW, OLD, make_config, write_config, write_driver
+from fakesys import NEW, OLD, make_config, write_config, write_driver
 
 from nvidia_kmod_swap.quick import try_noop
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import NEW, OLD, RELEASE, write_ko
+from fakesys import NEW, OLD, RELEASE, write_ko
 
 from nvidia_kmod_swap import config as config_mod
 from nvidia_kmod_swap import params

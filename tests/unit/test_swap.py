@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from conftest import NEW, OLD, Crash, FakeKernel, make_config, write_driver
+from fakesys import NEW, OLD, Crash, FakeKernel, make_config, write_driver
 
 from nvidia_kmod_swap.config import parse
 from nvidia_kmod_swap.journal import Reporter

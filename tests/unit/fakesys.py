@@ -1,0 +1,268 @@
+"""The unit tests' fakes: a fake system tree (/proc, /sys, /dev, /etc, /run) and real ELF module files.
+
+`FakeSystem` keeps the kernel's module table and writes it out as /proc/modules and /sys/module/*,
+exactly in the formats the kernel uses, so the helper reads it with its real code. `FakeKernel`
+is the `kmod.Kernel` the swap tests inject: it refuses what the kernel refuses (a module already
+loaded, one in use, a vermagic for another kernel, unknown symbols) and can fail or "crash" on
+any step.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import lzma
+import shutil
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nvidia_kmod_swap import devices  # noqa: E402
+from nvidia_kmod_swap.kmod import KmodError  # noqa: E402
+from nvidia_kmod_swap.modinfo import read_modinfo  # noqa: E402
+from nvidia_kmod_swap.paths import Root  # noqa: E402
+
+RELEASE = "6.1.0-56-amd64"
+OLD, NEW = "570.124.04", "570.133.07"
+DRIVER = {"nvidia": (), "nvidia_modeset": ("nvidia",), "nvidia_uvm": ("nvidia",),
+          "nvidia_drm": ("nvidia_modeset", "nvidia"), "nvidia_peermem": ("nvidia",)}
+
+
+def elf_object(modinfo: dict[str, str], body: bytes = b"\x90" * 64) -> bytes:
+    """A minimal ELF64 relocatable object with .text, .modinfo and .shstrtab, like a .ko."""
+    info = b"".join(f"{k}={v}".encode() + b"\0" for k, v in modinfo.items())
+    shstr = b"\0.text\0.modinfo\0.shstrtab\0"
+    text_off = 64
+    info_off = text_off + len(body)
+    shstr_off = info_off + len(info)
+    sh_off = (shstr_off + len(shstr) + 7) & ~7
+    header = b"\x7fELF" + bytes([2, 1, 1, 0]) + b"\0" * 8
+    header += struct.pack("<HHIQQQIHHHHHH", 1, 62, 1, 0, 0, sh_off, 0, 64, 0, 0, 64, 4, 3)
+    data = bytearray(header + body + info + shstr)
+    data += b"\0" * (sh_off - len(data))
+
+    def section(name: int, stype: int, offset: int, size: int) -> bytes:
+        return struct.pack("<IIQQQQIIQQ", name, stype, 0, 0, offset, size, 0, 0, 1, 0)
+
+    data += section(0, 0, 0, 0)
+    data += section(1, 1, text_off, len(body))
+    data += section(7, 1, info_off, len(info))
+    data += section(16, 3, shstr_off, len(shstr))
+    return bytes(data)
+
+
+def write_ko(directory: Path, name: str, version: str | None, *, release: str = RELEASE,
+             depends: tuple[str, ...] | None = None, compression: str = "") -> Path:
+    depends = DRIVER.get(name, ()) if depends is None else depends
+    fields = {"name": name, "vermagic": f"{release} SMP preempt mod_unload modversions ",
+              "depends": ",".join(depends), "srcversion": f"SRC{name}{version}".upper()[:23]}
+    if version is not None:
+        fields["version"] = version
+    data = elf_object(fields)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / (name.replace("_", "-") + ".ko")
+    if compression == "xz":
+        path = path.with_name(path.name + ".xz")
+        data = lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32)
+    elif compression == "zst":
+        import zstandard
+
+        path = path.with_name(path.name + ".zst")
+        data = zstandard.ZstdCompressor().compress(data)
+    path.write_bytes(data)
+    return path
+
+
+def write_driver(store: Path, version: str, *, modules=("nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm", "nvidia_peermem"),
+                 layout: str = "misc", release: str = RELEASE, compression: str = "") -> Path:
+    """A driver package tree like nvidia_x11.bin; returns its lib/modules/<release> directory."""
+    flavour = "open" if layout != "misc" else "x11"
+    top = store / f"{abs(hash(version + layout + compression)) % 10**8:08d}-nvidia-{flavour}-{version}-{release}"
+    module_dir = top / "lib/modules" / release
+    sub = module_dir / ("misc" if layout == "misc" else "kernel/drivers/video")
+    for name in modules:
+        write_ko(sub, name, version, release=release, compression=compression)
+    return module_dir
+
+
+@dataclass
+class Module:
+    name: str
+    version: str | None
+    srcversion: str | None
+    uses: tuple[str, ...]
+    params: str = ""
+    refcnt_extra: int = 0  # open files and other non-module users
+
+
+@dataclass
+class FakeSystem:
+    base: Path
+    release: str = RELEASE
+    modules: dict[str, Module] = field(default_factory=dict)
+    nodes: dict[str, tuple[int, int]] = field(default_factory=dict)  # what udev has made in /dev
+    uvm_major: int = 510
+    gpus: int = 1
+
+    def __post_init__(self) -> None:
+        (self.base / "proc/sys/kernel").mkdir(parents=True, exist_ok=True)
+        (self.base / "proc/sys/kernel/osrelease").write_text(self.release + "\n")
+        (self.base / "proc/cmdline").write_text("BOOT_IMAGE=/bzImage root=/dev/vda ro\n")
+        (self.base / "etc/modprobe.d").mkdir(parents=True, exist_ok=True)
+        (self.base / "dev").mkdir(exist_ok=True)
+        (self.base / "run").mkdir(exist_ok=True)
+        self.sync()
+
+    @property
+    def root(self) -> Root:
+        return Root(self.base)
+
+    def holders(self, name: str) -> list[str]:
+        return sorted(m.name for m in self.modules.values() if name in m.uses)
+
+    def add(self, name: str, version: str | None, uses: tuple[str, ...] | None = None, srcversion: str | None = None,
+            params: str = "") -> None:
+        uses = DRIVER.get(name, ()) if uses is None else uses
+        src = srcversion if srcversion is not None else f"SRC{name}{version}".upper()[:23]
+        self.modules[name] = Module(name, version, src, tuple(uses), params)
+        if name == "nvidia":
+            self.nodes["/dev/nvidiactl"] = (195, 255)
+            for minor in range(self.gpus):
+                self.nodes[f"/dev/nvidia{minor}"] = (195, minor)
+        if name == "nvidia_modeset":
+            self.nodes["/dev/nvidia-modeset"] = (195, 254)
+        if name == "nvidia_uvm":
+            self.nodes.setdefault("/dev/nvidia-uvm", (self.uvm_major, 0))
+            self.nodes.setdefault("/dev/nvidia-uvm-tools", (self.uvm_major, 1))
+        self.sync()
+
+    def udev_add(self, module: str) -> None:
+        if module == "nvidia_uvm":
+            self.nodes["/dev/nvidia-uvm"] = (self.uvm_major, 0)
+            self.nodes["/dev/nvidia-uvm-tools"] = (self.uvm_major, 1)
+
+    def load_driver(self, version: str, names=("nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm")) -> None:
+        for name in names:
+            self.add(name, version)
+
+    def remove(self, name: str) -> None:
+        del self.modules[name]
+        self.sync()
+
+    def sync(self) -> None:
+        """Writes /proc/modules, /sys/module/*, /proc/devices and /proc/driver/nvidia as the kernel shows them."""
+        lines = []
+        sysmod = self.base / "sys/module"
+        shutil.rmtree(sysmod, ignore_errors=True)
+        sysmod.mkdir(parents=True)
+        for m in self.modules.values():
+            holders = self.holders(m.name)
+            refcnt = len(holders) + m.refcnt_extra
+            lines.append(f"{m.name} 16384 {refcnt} {','.join(holders) + ',' if holders else '-'} Live 0x0000000000000000 (OE)")
+            d = sysmod / m.name
+            (d / "holders").mkdir(parents=True)
+            for h in holders:
+                (d / "holders" / h).symlink_to(f"../../{h}")
+            if m.version is not None:
+                (d / "version").write_text(m.version + "\n")
+            if m.srcversion:
+                (d / "srcversion").write_text(m.srcversion + "\n")
+            (d / "refcnt").write_text(f"{refcnt}\n")
+            (d / "initstate").write_text("live\n")
+        (self.base / "proc/modules").write_text("".join(line + "\n" for line in lines))
+        devices_text = "Character devices:\n  1 mem\n  4 tty\n"
+        if "nvidia" in self.modules:
+            devices_text += "195 nvidia-frontend\n"
+        if "nvidia_uvm" in self.modules:
+            devices_text += f"{self.uvm_major} nvidia-uvm\n"
+        devices_text += "\nBlock devices:\n  8 sd\n"
+        (self.base / "proc/devices").write_text(devices_text)
+        gpus = self.base / "proc/driver/nvidia/gpus"
+        shutil.rmtree(self.base / "proc/driver", ignore_errors=True)
+        if "nvidia" in self.modules:
+            for minor in range(self.gpus):
+                d = gpus / f"0000:{minor + 1:02x}:00.0"
+                d.mkdir(parents=True)
+                (d / "information").write_text(f"Model: \t\t Fake\nDevice Minor: \t {minor}\n")
+
+    def versions(self) -> dict[str, str | None]:
+        return {n: m.version for n, m in sorted(self.modules.items())}
+
+    def hold_device(self, pid: int, comm: str, unit: str | None, path: str = "/dev/nvidia0") -> None:
+        """A process with the device open: /proc/<pid>/fd link, and a reference on nvidia."""
+        proc = self.base / "proc" / str(pid)
+        (proc / "fd").mkdir(parents=True, exist_ok=True)
+        (proc / "fd" / "3").symlink_to(path)
+        (proc / "comm").write_text(comm + "\n")
+        (proc / "cgroup").write_text(f"0::/system.slice/{unit}\n" if unit else "0::/user.slice/user-1000.slice/session-2.scope\n")
+        self.modules["nvidia"].refcnt_extra += 1
+        self.sync()
+
+    def release_device(self, pid: int) -> None:
+        shutil.rmtree(self.base / "proc" / str(pid))
+        self.modules["nvidia"].refcnt_extra -= 1
+        self.sync()
+
+
+class Crash(BaseException):
+    """Stands for SIGKILL: not an Exception, so nothing in the helper catches it."""
+
+
+@dataclass
+class FakeKernel:
+    system: FakeSystem
+    fail_on: set[tuple[str, str]] = field(default_factory=set)   # ("load"|"unload", name)
+    crash_at_call: int | None = None
+    calls: list[tuple[str, str]] = field(default_factory=list)
+
+    def _enter(self, op: str, name: str) -> None:
+        self.calls.append((op, name))
+        if self.crash_at_call is not None and len(self.calls) - 1 == self.crash_at_call:
+            raise Crash(f"crash at {op} {name}")
+        if (op, name) in self.fail_on:
+            self.fail_on.discard((op, name))  # the new file fails; the old one, in rollback, loads
+            raise KmodError(op, name, errno.ENODEV)
+
+    def load(self, path: str, params: str) -> None:
+        info = read_modinfo(Path(path))
+        self._enter("load", info.name)
+        if info.name in self.system.modules:
+            raise KmodError("load", path, errno.EEXIST)
+        if info.kernel_release != self.system.release:
+            raise KmodError("load", path, errno.ENOEXEC)
+        for dep in info.depends:
+            if dep not in self.system.modules:
+                raise KmodError("load", path, errno.ENOENT)
+        self.system.add(info.name, info.version, info.depends, info.srcversion, params)
+
+    def unload(self, name: str) -> None:
+        self._enter("unload", name)
+        module = self.system.modules.get(name)
+        if module is None:
+            raise KmodError("unload", name, errno.ENOENT)
+        if self.system.holders(name) or module.refcnt_extra:
+            raise KmodError("unload", name, errno.EAGAIN)
+        self.system.remove(name)
+
+    def load_by_name(self, name: str) -> None:
+        self._enter("modprobe", name)
+        self.system.add(name, None, ())
+
+
+def make_config(store: Path, module_dirs: list[Path], rollback_dirs: list[Path] = (), **overrides) -> dict:
+    config = {
+        "driver_version": NEW,
+        "kernel_release": RELEASE,
+        "module_dirs": [str(d) for d in module_dirs],
+        "rollback_dirs": [str(d) for d in rollback_dirs],
+        "state_dir": "/run/nvidia-kmod-swap",
+        "settle_timeout_s": 0.2,
+        "allowed_prefixes": [str(store) + "/"],
+    }
+    config.update(overrides)
+    return config
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(json.dumps(config))
+    return path
