@@ -246,3 +246,75 @@ def test_plan_json_has_the_contract_keys(system, store, trees):
     data = plan_for(system, store, trees[1], trees[0]).to_json()
     assert {"action", "reason", "unload", "load"} <= set(data)
     assert {"name", "path", "params"} == set(data["load"][0])
+
+
+
+def nixos_module_tree(top: Path, driver_dir: Path, in_tree: int = 300) -> Path:
+    """A system.modulesTree as NixOS builds it (nixos/modules/system/boot/kernel.nix: `[ kernel ] ++
+    boot.extraModulePackages`, merged by aggregateModules): the kernel's own xz-compressed modules
+    beside symlinks to the driver's files, all in one lib/modules/<release>."""
+    tree = top / "lib/modules" / RELEASE
+    write_ko(tree / "kernel/drivers/gpu/drm", "drm", None, depends=(), compression="xz")
+    write_ko(tree / "kernel/drivers/gpu/drm", "drm_kms_helper", None, depends=("drm",), compression="xz")
+    for i in range(in_tree):
+        write_ko(tree / f"kernel/drivers/misc{i % 20}", f"intree{i}", None, depends=("drm",), compression="xz")
+    video = tree / "kernel/drivers/video"
+    video.mkdir(parents=True, exist_ok=True)
+    for ko in sorted(driver_dir.rglob("*.ko")):
+        (video / ko.name).symlink_to(ko)
+    return tree
+
+
+def driver_using_drm(store: Path, version: str) -> Path:
+    """The driver's modules as nvidia_x11.mod builds them, with nvidia-drm using the kernel's DRM."""
+    directory = store / f"{version}-nvidia-kernel-modules/lib/modules/{RELEASE}/kernel/drivers/video"
+    for name in ("nvidia", "nvidia_modeset", "nvidia_uvm"):
+        write_ko(directory, name, version)
+    write_ko(directory, "nvidia_drm", version, depends=("nvidia_modeset", "nvidia", "drm_kms_helper", "drm"))
+    return directory
+
+
+@pytest.fixture
+def parsed(monkeypatch):
+    """Names of the module files the planner opened and parsed."""
+    from nvidia_kmod_swap import facts
+
+    seen: list[str] = []
+    real = facts.read_modinfo
+
+    def counting(path):
+        seen.append(Path(path).name)
+        return real(path)
+
+    monkeypatch.setattr(facts, "read_modinfo", counting)
+    return seen
+
+
+def test_whole_module_tree_parses_only_the_files_it_needs(system, store, parsed):
+    """module_dirs and rollback_dirs are whole module trees: only the driver's files are read, not
+    the thousands of in-tree modules beside them; loaded kernel modules (drm) are left alone."""
+    old_tree = nixos_module_tree(store / "booted-kernel-modules", driver_using_drm(store, OLD))
+    new_tree = nixos_module_tree(store / "next-kernel-modules", driver_using_drm(store, NEW))
+    system.add("drm", None, uses=())
+    system.add("drm_kms_helper", None, uses=("drm",))
+    for name in ("nvidia", "nvidia_modeset", "nvidia_uvm"):
+        system.add(name, OLD)
+    system.add("nvidia_drm", OLD, uses=("nvidia_modeset", "nvidia", "drm_kms_helper", "drm"))
+    plan = plan_for(system, store, new_tree, old_tree)
+    assert plan.action == "swap", plan.reason
+    assert [s.name for s in plan.load] == ["nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm"]
+    assert all("/kernel/drivers/video/" in s.path for s in plan.load + plan.rollback)
+    assert plan.prerequisites == ()
+    assert "drm" not in plan.unload and "drm_kms_helper" not in plan.unload
+    assert not [name for name in parsed if name.startswith("intree")], "parsed in-tree modules it does not need"
+    assert len(parsed) <= 16, parsed  # 4 + 2 kernel deps new, 4 + 4 old (booted tree and new tree)
+
+
+def test_kernel_dependency_in_the_tree_is_loaded_by_name_not_from_the_tree(system, store):
+    """A dependency the tree has but that is not the driver's (drm, not loaded yet) is a
+    prerequisite the running kernel loads by name, never a file from the new tree."""
+    tree = nixos_module_tree(store / "kernel-modules", driver_using_drm(store, NEW), in_tree=5)
+    plan = plan_for(system, store, tree, modules=["nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm"])
+    assert plan.action == "load", plan.reason
+    assert [s.name for s in plan.load] == ["nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm"]
+    assert plan.prerequisites == ("drm", "drm_kms_helper")

@@ -166,6 +166,23 @@ def find_rollback(name: str, snapshot: Snapshot, candidates: list[Candidate], co
     return None
 
 
+def _ships(dep: str, new: Inventory, snapshot: Snapshot, config: Config) -> bool:
+    """Whether a dependency of a new module is part of the new driver rather than of the kernel.
+
+    The module dirs may be a whole NixOS module tree (system.modulesTree: the kernel's own modules
+    beside the driver's), so being found there says nothing. A loaded module outside the NVIDIA
+    family (drm) stays as it is; otherwise the new driver ships DEP when its file carries the
+    driver's version, or is named nvidia* (then check_new_module insists on the version).
+    """
+    if dep in snapshot.modules and dep not in snapshot.family():
+        return False
+    candidates = new.get(dep, [])
+    if not candidates:
+        return False
+    info = candidates[0].info
+    return dep.startswith("nvidia") or (info is not None and info.version == config.driver_version)
+
+
 def _kernel_users(snapshot: Snapshot, family: list[str]) -> list[str]:
     """Modules whose refcount is not explained by the modules holding them (open files, fbcon, ...)."""
     return [f"{n} (refcount {snapshot.modules[n].refcnt}, {len(snapshot.modules[n].holders)} holder modules)"
@@ -195,7 +212,7 @@ def plan_change(snapshot: Snapshot, config: Config, new: Inventory, old: Invento
             continue
         infos[name] = info
         # A dependency the new driver ships comes from the new driver; any other belongs to the kernel.
-        todo.extend(dep for dep in info.depends if dep in new and dep not in infos)
+        todo.extend(dep for dep in info.depends if dep not in infos and _ships(dep, new, snapshot, config))
     if problems:
         return Plan(REFUSE, "the new driver's modules cannot be loaded: " + "; ".join(problems)
                     + ". Nothing was unloaded; the loaded driver keeps running", **base)
