@@ -1,5 +1,5 @@
 {
-  description = "Take NVIDIA driver updates live on NixOS: swap the loaded kernel modules instead of failing the deploy";
+  description = "Live NVIDIA driver updates on NixOS: swap the loaded kernel modules";
 
   inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-unstable";
 
@@ -36,7 +36,9 @@
         default = pkgs.nvidia-kmod-swap;
       });
 
-      # The package (with its unit tests), its NixOS VM tests, and an evaluation of the module.
+      # The package (with its unit tests), an evaluation of the module against the real NixOS
+      # modules, and the NixOS VM tests (passthru.tests: a plain attrset of derivations, as
+      # `nix flake check` wants every checks.<system>.<name> to be).
       checks = forAllSystems (
         pkgs:
         {

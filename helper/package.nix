@@ -33,10 +33,11 @@ python3Packages.buildPythonApplication {
   enabledTestPaths = [ "../tests/unit" ];
   pythonImportsCheck = [ "nvidia_kmod_swap" ];
 
-  passthru.tests = callPackage ../tests/nixos { };
+  # An attrset of NixOS VM tests (derivations), `import`ed: see tests/nixos/default.nix.
+  passthru.tests = import ../tests/nixos { inherit callPackage; };
 
   meta = {
-    description = "Swap loaded NVIDIA kernel modules for the driver in the NixOS system profile, live";
+    description = "Swap loaded NVIDIA kernel modules for the system profile's driver, live";
     license = lib.licenses.mit;
     platforms = lib.platforms.linux;
     mainProgram = "nvidia-kmod-swap";

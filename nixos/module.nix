@@ -17,19 +17,32 @@ let
   # running kernel reports (e.g. "6.12.8" vs "6.12.8-zen1").
   release = kernel.modDirVersion;
 
-  # The tree that boot.extraModulePackages gets from hardware.nvidia: `.open` for the open kernel
-  # modules (kernel/drivers/video/), `.bin` for the proprietary ones (misc/).
-  moduleTree = if nvidiaCfg.open or false then cfg.nvidiaPackage.open else cfg.nvidiaPackage.bin;
+  # The kernel modules NVIDIA's driver consists of (kernel-open/Makefile in
+  # NVIDIA/open-gpu-kernel-modules: NV_KERNEL_MODULES ?= nvidia nvidia-uvm nvidia-vgpu-vfio
+  # nvidia-modeset nvidia-drm nvidia-peermem), by their kernel names.
+  driverModules = [
+    "nvidia"
+    "nvidia_uvm"
+    "nvidia_vgpu_vfio"
+    "nvidia_modeset"
+    "nvidia_drm"
+    "nvidia_peermem"
+  ];
+  # What this generation loads at boot (boot.kernelModules takes either spelling); the helper also
+  # reloads whatever is loaded when it swaps. `nvidia` always: every other one needs it, and so
+  # does nvidia-persistenced.
+  bootModules = map (lib.replaceStrings [ "-" ] [ "_" ]) config.boot.kernelModules;
+  modules = [ "nvidia" ] ++ lib.filter (m: m != "nvidia" && lib.elem m bootModules) driverModules;
 
   settings = {
     driver_version = cfg.nvidiaPackage.version;
     kernel_release = release;
-    module_dirs = [ "${moduleTree}/lib/modules/${release}" ] ++ cfg.extraModuleDirs;
-    modules = [
-      "nvidia"
-      "nvidia_modeset"
-      "nvidia_uvm"
-    ] ++ lib.optional (nvidiaCfg.modesetting.enable or false) "nvidia_drm";
+    # The new generation's modules are what it installs: system.modulesTree
+    # (nixos/modules/system/boot/kernel.nix: the kernel's modules ++ boot.extraModulePackages,
+    # merged by aggregateModules), whatever hardware.nvidia put there (`mod`, `open`, or `bin`
+    # before 2026) or the user overrode. The helper looks modules up in it by name.
+    module_dirs = [ "${config.system.modulesTree}/lib/modules/${release}" ] ++ cfg.extraModuleDirs;
+    inherit modules;
     # What the running system booted with; the helper also remembers what it loaded itself.
     rollback_dirs = [ "/run/booted-system/kernel-modules/lib/modules/${release}" ];
     on_busy = cfg.onBusy;
@@ -38,7 +51,8 @@ let
     verify_command =
       if cfg.verify then
         [
-          "${cfg.nvidiaPackage.bin}/bin/nvidia-smi"
+          # nvidia_x11's builder.sh installs nvidia-smi in the `bin` output.
+          "${lib.getBin cfg.nvidiaPackage}/bin/nvidia-smi"
           "--query-gpu=driver_version"
           "--format=csv,noheader"
         ]
@@ -53,6 +67,7 @@ let
   # switch-to-configuration restarts it: that restart is when the swap happens.
   configFile = pkgs.writeText "nvidia-kmod-swap.json" (builtins.toJSON settings);
   helper = "${cfg.package}/bin/nvidia-kmod-swap --config ${configFile}";
+  persistenced = config.systemd.services.nvidia-persistenced;
 in
 {
   options.services.nvidiaKmodSwap = {
@@ -72,8 +87,9 @@ in
       default = nvidiaCfg.package;
       defaultText = lib.literalExpression "config.hardware.nvidia.package";
       description = ''
-        The NVIDIA driver whose kernel modules must be loaded. Its `version` and its `bin`
-        (or `open`, with `hardware.nvidia.open`) output's `lib/modules/<modDirVersion>` are used.
+        The NVIDIA driver of this generation: its `version` is the version the loaded modules must
+        have, and its nvidia-smi (`bin` output) verifies a swap. The module files themselves come
+        from the generation's module tree (`system.modulesTree`), where `hardware.nvidia` puts them.
       '';
     };
 
@@ -114,19 +130,21 @@ in
     verify = lib.mkOption {
       type = lib.types.bool;
       default = true;
-      description = "After a swap, run the new driver's nvidia-smi and require it to report the new version.";
+      description = "After a swap, require the new driver's nvidia-smi to report the new version.";
     };
 
     settleTimeout = lib.mkOption {
       type = lib.types.ints.positive;
       default = 10;
-      description = "Seconds to wait for udev to create the device nodes after loading the modules.";
+      description = "Seconds to wait for udev to make the device nodes after loading the modules.";
     };
 
     extraModuleDirs = lib.mkOption {
       type = lib.types.listOf lib.types.str;
       default = [ ];
-      example = lib.literalExpression ''[ "''${gdrcopy}/lib/modules/''${config.boot.kernelPackages.kernel.modDirVersion}" ]'';
+      example = lib.literalExpression ''
+        [ "''${gdrcopy}/lib/modules/''${config.boot.kernelPackages.kernel.modDirVersion}" ]
+      '';
       description = ''
         More module trees searched for new builds of modules that hold `nvidia` (gdrdrv, nvidia-fs,
         ...). A holder with no new build makes the helper refuse the swap rather than drop it.
@@ -148,15 +166,29 @@ in
       {
         assertions = [
           {
-            assertion = cfg.standalone || (nvidiaCfg.nvidiaPersistenced or false);
+            assertion = cfg.standalone || nvidiaCfg.nvidiaPersistenced;
             message = ''
               services.nvidiaKmodSwap hooks into nvidia-persistenced: set
-              hardware.nvidia.nvidiaPersistenced = true, or services.nvidiaKmodSwap.standalone = true.
+              hardware.nvidia.nvidiaPersistenced = true, or
+              services.nvidiaKmodSwap.standalone = true.
             '';
           }
           {
-            assertion = cfg.nvidiaPackage ? version && cfg.nvidiaPackage ? bin;
-            message = "services.nvidiaKmodSwap.nvidiaPackage must be an NVIDIA driver package (with `version` and a `bin` output).";
+            # hardware.nvidia defines the unit only when the driver is enabled
+            # (hardware.nvidia.enable, datacenter.enable or videoDrivers = [ "nvidia" ]); without
+            # it our hooks would make a unit with nothing to start.
+            assertion = cfg.standalone || persistenced.serviceConfig ? ExecStart;
+            message = ''
+              services.nvidiaKmodSwap: hardware.nvidia.nvidiaPersistenced is set, but no
+              nvidia-persistenced service with an ExecStart is defined: the NVIDIA driver is not
+              enabled (hardware.nvidia.enable, hardware.nvidia.datacenter.enable or
+              services.xserver.videoDrivers = [ "nvidia" ]). Enable it, or use
+              services.nvidiaKmodSwap.standalone = true.
+            '';
+          }
+          {
+            assertion = cfg.nvidiaPackage ? version;
+            message = "services.nvidiaKmodSwap.nvidiaPackage is not an NVIDIA driver (no version).";
           }
         ];
 

@@ -1,99 +1,646 @@
-# Each check is { name; ok; } and evaluates the module through eval-module.nix.
+# The Nix checks that run without nixpkgs: the module evaluated as NixOS would (module system and
+# NixOS modules doubled, see the *-double.nix files), the flake's outputs inspected as
+# `nix flake check` inspects them, and our own flake checks (tests/nixos) evaluated. Each check is
+# { name; ok; } where ok is true or a string saying what is wrong.
+{
+  # A real nixpkgs lib (a directory with default.nix) to use instead of lib-double.nix; the
+  # module system then is the real lib.evalModules (tests/nix-eval/run --real-lib DIR).
+  realLib ? null,
+}:
 let
-  eval = import ./eval-module.nix;
-  driver = {
-    outPath = "/nix/store/dddddddddddddddddddddddddddddddd-nvidia-x11-570.133.07";
-    version = "570.133.07";
-    bin = "/nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-nvidia-x11-570.133.07-bin";
-    open = "/nix/store/oooooooooooooooooooooooooooooooo-nvidia-open-570.133.07";
+  # (The real lib.fileset needs builtins.readFileType, Nix >= 2.14; Debian's Nix 2.8 lacks it, so
+  # the double's fileset stands in for it either way.)
+  lib =
+    if realLib == null then
+      import ./lib-double.nix
+    else
+      import realLib // { inherit (import ./lib-double.nix) fileset; };
+  input = era: import ./nixpkgs-input.nix { inherit era lib; };
+  inherit (builtins) tryEval deepSeq;
+
+  # A driver shaped like nixpkgs' nvidia_x11 of 2026 (binaries.nix outputs out/bin/firmware;
+  # generic.nix passthru mod, open, persistenced; tests/nixos/fake-driver.nix says where from).
+  pkgs = import ./nixpkgs-double { inherit lib; };
+  fakeDrv =
+    name: extra:
+    {
+      type = "derivation";
+      inherit name;
+      outPath = "/nix/store/${builtins.substring 0 32 (builtins.hashString "sha256" name)}-${name}";
+    }
+    // extra;
+  driverOf =
+    version:
+    fakeDrv "nvidia-x11-${version}" {
+      inherit version;
+      bin = fakeDrv "nvidia-x11-${version}-bin" { };
+      firmware = fakeDrv "nvidia-x11-${version}-firmware" { };
+      mod = fakeDrv "nvidia-kernel-modules-6.18.1-${version}" { };
+      open = fakeDrv "nvidia-open-6.18.1-${version}" { };
+      persistenced = fakeDrv "nvidia-persistenced-${version}" {
+        meta.mainProgram = "nvidia-persistenced";
+      };
+    };
+  driver = driverOf "595.44.01";
+  legacyDriver = removeAttrs (driverOf "570.133.07") [ "mod" ];
+
+  system =
+    {
+      era ? "2026",
+      settings ? { },
+      hardware ? { },
+      extra ? { },
+    }:
+    (input era).lib.nixosSystem {
+      modules = [
+        ../../nixos/module.nix
+        extra
+        {
+          nixpkgs.hostPlatform = "x86_64-linux";
+          services.nvidiaKmodSwap = settings;
+          hardware.nvidia = hardware;
+          system.stateVersion = "26.05";
+        }
+      ];
+    };
+  # hardware.nvidia as a user enables the driver (nvidia.nix: enable, package, open).
+  nvidia =
+    extra:
+    {
+      enable = true;
+      package = driver;
+      open = false;
+      nvidiaPersistenced = true;
+    }
+    // extra;
+  on = settings: hardware: system {
+    settings = {
+      enable = true;
+    }
+    // settings;
+    inherit hardware;
   };
-  hw = extra: { package = driver; nvidiaPersistenced = true; } // extra;
-  on = settings: extra: eval { settings = { enable = true; } // settings; hardware = hw extra; };
 
-  base = on { } { };
-  json = r: builtins.fromJSON r.config.environment.etc."nvidia-kmod-swap/config.json".source.text;
-  unit = r: r.config.systemd.services.nvidia-persistenced.serviceConfig;
-  file = r: r.config.environment.etc."nvidia-kmod-swap/config.json".source.outPath;
-  helper = "/nix/store/hhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhh-nvidia-kmod-swap-0.1.0/bin/nvidia-kmod-swap";
+  config = s: s.config;
+  json = s: builtins.fromJSON (config s).environment.etc."nvidia-kmod-swap/config.json".source.text;
+  unit = s: (config s).systemd.services.nvidia-persistenced.serviceConfig;
+  file = s: (config s).environment.etc."nvidia-kmod-swap/config.json".source.outPath;
+  tree = s: "${(config s).system.modulesTree}/lib/modules/6.18.1";
+  inTree = s: p: builtins.elem p.outPath (map (x: x.outPath) (config s).boot.extraModulePackages);
+  helper = "${pkgs.callPackage ../../helper/package.nix { }}/bin/nvidia-kmod-swap";
+  # What went wrong, or true: a failing comparison names itself.
+  expect =
+    pairs:
+    let
+      bad = lib.filter (p: p.got != p.want) pairs;
+    in
+    if bad == [ ] then
+      true
+    else
+      builtins.concatStringsSep "; " (
+        map (p: "${p.what}: got ${builtins.toJSON p.got}, want ${builtins.toJSON p.want}") bad
+      );
+  fails = expr: !(tryEval (deepSeq expr expr)).success;
+  assertionsHold = s: builtins.all (a: a.assertion) (config s).assertions;
+  failedAssertions = s: map (a: a.message) (lib.filter (a: !a.assertion) (config s).assertions);
 
-  tuned = on {
-    onBusy = "stop-units";
-    stopUnits = [ "ollama.service" ];
-    onKernelChange = "fail";
-    verify = false;
-    settleTimeout = 7;
-    extraModuleDirs = [ "/nix/store/gggggggggggggggggggggggggggggggg-gdrcopy/lib/modules/6.12.8-zen1" ];
-  } { open = true; modesetting.enable = true; };
-  standalone = on { standalone = true; } { nvidiaPersistenced = false; };
-  fails = expr: !(builtins.tryEval (builtins.deepSeq expr expr)).success;
-  assertionsHold = r: builtins.all (a: a.assertion) r.config.assertions;
+  base = on { } (nvidia { });
+  open = on { } (nvidia { open = true; });
+  datacenter = on { } {
+    datacenter.enable = true;
+    package = driver;
+    nvidiaPersistenced = true;
+  };
+  legacy = system {
+    era = "2025";
+    settings.enable = true;
+    hardware = nvidia { package = legacyDriver; };
+  };
+  tuned =
+    on
+      {
+        onBusy = "stop-units";
+        stopUnits = [ "ollama.service" ];
+        onKernelChange = "fail";
+        verify = false;
+        settleTimeout = 7;
+        extraModuleDirs = [ "/nix/store/gggg-gdrcopy/lib/modules/6.18.1" ];
+      }
+      (nvidia {
+        open = true;
+      });
+  standalone = on { standalone = true; } (nvidia { nvidiaPersistenced = false; });
+  noDriver = on { } { nvidiaPersistenced = true; };
+
+  flake = import ../../flake.nix;
+  outputs = flake.outputs {
+    self = outputs;
+    nixpkgs = input "2026";
+  };
+  isDerivation = v: builtins.isAttrs v && v.type or null == "derivation";
+  # nix flake check (src/nix/flake.cc): checks, packages, devShells and formatter must be
+  # derivations; an overlay must be a function; a NixOS module must evaluate.
+  flakeProblems =
+    let
+      notDrv =
+        output:
+        lib.concatLists (
+          lib.mapAttrsToList (
+            sys: attrs:
+            map (n: "${output}.${sys}.${n}") (
+              lib.filter (n: !(isDerivation attrs.${n})) (builtins.attrNames attrs)
+            )
+          ) outputs.${output}
+        );
+    in
+    notDrv "checks"
+    ++ notDrv "packages"
+    ++ notDrv "devShells"
+    ++ lib.mapAttrsToList (sys: _: "formatter.${sys}") (
+      lib.filterAttrs (_: f: !(isDerivation f)) outputs.formatter
+    )
+    ++ lib.optional (!builtins.isFunction outputs.overlays.default) "overlays.default"
+    ++ lib.optional (!(tryEval outputs.nixosModules.default).success) "nixosModules.default";
+
+  # The VM tests' machine (tests/nixos/machine.nix) evaluated with its specialisations.
+  machine =
+    args: specialisation:
+    let
+      m = import ../../tests/nixos/machine.nix args;
+      s = system {
+        settings = { };
+        extra = {
+          imports = [ m ];
+        }
+        // lib.optionalAttrs (specialisation != null) {
+          imports = [
+            m
+            (config (system {
+              extra.imports = [ m ];
+            })).specialisation.${specialisation}.configuration
+          ];
+        };
+      };
+    in
+    s;
+  machineTree =
+    args: generation:
+    let
+      s = machine args generation;
+    in
+    {
+      dirs = (json s).module_dirs;
+      tree = tree s;
+      packages = map (p: p.name) (config s).boot.extraModulePackages;
+      version = (json s).driver_version;
+    };
 in
 [
   {
-    name = "defaults: version, modDirVersion (not the package version), the bin tree";
+    name = "2026 proprietary: module_dirs is the generation's module tree, holding nvidia_x11.mod";
+    ok = expect [
+      {
+        what = "module_dirs";
+        got = (json base).module_dirs;
+        want = [ (tree base) ];
+      }
+      {
+        what = "mod in the tree";
+        got = inTree base driver.mod;
+        want = true;
+      }
+      {
+        what = "driver_version";
+        got = (json base).driver_version;
+        want = "595.44.01";
+      }
+      {
+        what = "kernel_release (modDirVersion)";
+        got = (json base).kernel_release;
+        want = "6.18.1";
+      }
+      {
+        what = "rollback_dirs";
+        got = (json base).rollback_dirs;
+        want = [ "/run/booted-system/kernel-modules/lib/modules/6.18.1" ];
+      }
+      {
+        what = "defaults";
+        got = {
+          inherit (json base)
+            on_busy
+            on_kernel_change
+            stop_units
+            settle_timeout_s
+            state_dir
+            allowed_prefixes
+            ;
+        };
+        want = {
+          on_busy = "defer";
+          on_kernel_change = "defer";
+          stop_units = [ ];
+          settle_timeout_s = 10;
+          state_dir = "/run/nvidia-kmod-swap";
+          allowed_prefixes = [ "/nix/store/" ];
+        };
+      }
+    ];
+  }
+  {
+    name = "open modules (hardware.nvidia.open = true): the tree holds nvidia_x11.open";
+    ok = expect [
+      {
+        what = "module_dirs";
+        got = (json open).module_dirs;
+        want = [ (tree open) ];
+      }
+      {
+        what = "open in the tree";
+        got = inTree open driver.open;
+        want = true;
+      }
+    ];
+  }
+  {
+    name = "datacenter, hardware.nvidia.open left null (null from 560 on): evaluates, mod";
+    ok = expect [
+      {
+        what = "hardware.nvidia.open";
+        got = (config datacenter).hardware.nvidia.open;
+        want = null;
+      }
+      {
+        what = "module_dirs";
+        got = (json datacenter).module_dirs;
+        want = [ (tree datacenter) ];
+      }
+      {
+        what = "mod in the tree";
+        got = inTree datacenter driver.mod;
+        want = true;
+      }
+    ];
+  }
+  {
+    name = "pre-2026 nixpkgs: the proprietary modules in nvidia_x11.bin, found in the same tree";
+    ok = expect [
+      {
+        what = "module_dirs";
+        got = (json legacy).module_dirs;
+        want = [ (tree legacy) ];
+      }
+      {
+        what = "bin in the tree";
+        got = inTree legacy legacyDriver.bin;
+        want = true;
+      }
+    ];
+  }
+  {
+    name = "modules: nvidia plus the driver modules this generation loads at boot, no more";
+    ok = expect [
+      {
+        what = "standard (nvidia.nix loads nvidia, nvidia_modeset, nvidia_drm)";
+        got = (json base).modules;
+        want = [
+          "nvidia"
+          "nvidia_modeset"
+          "nvidia_drm"
+        ];
+      }
+      {
+        what = "open (adds nvidia_uvm)";
+        got = (json open).modules;
+        want = [
+          "nvidia"
+          "nvidia_uvm"
+          "nvidia_modeset"
+          "nvidia_drm"
+        ];
+      }
+      {
+        what = "datacenter (modesetting defaults on, but nothing loads nvidia_drm)";
+        got = (json datacenter).modules;
+        want = [ "nvidia" ];
+      }
+      {
+        what = "boot.kernelModules as an attrset, and the nvidia-uvm spelling";
+        got =
+          (json (system {
+            settings.enable = true;
+            hardware = nvidia { };
+            extra.boot.kernelModules = {
+              "nvidia-uvm" = true;
+              nvidia_peermem = true;
+            };
+          })).modules;
+        want = [
+          "nvidia"
+          "nvidia_uvm"
+          "nvidia_modeset"
+          "nvidia_drm"
+          "nvidia_peermem"
+        ];
+      }
+    ];
+  }
+  {
+    name = "verify runs the driver's own nvidia-smi (bin output)";
+    ok = expect [
+      {
+        what = "verify_command";
+        got = (json base).verify_command;
+        want = [
+          "${driver.bin}/bin/nvidia-smi"
+          "--query-gpu=driver_version"
+          "--format=csv,noheader"
+        ];
+      }
+    ];
+  }
+  {
+    name = "every option reaches the JSON config";
+    ok = expect [
+      {
+        what = "module_dirs with extraModuleDirs";
+        got = (json tuned).module_dirs;
+        want = [
+          (tree tuned)
+          "/nix/store/gggg-gdrcopy/lib/modules/6.18.1"
+        ];
+      }
+      {
+        what = "the rest";
+        got = {
+          inherit (json tuned)
+            on_busy
+            stop_units
+            on_kernel_change
+            verify_command
+            settle_timeout_s
+            ;
+        };
+        want = {
+          on_busy = "stop-units";
+          stop_units = [ "ollama.service" ];
+          on_kernel_change = "fail";
+          verify_command = null;
+          settle_timeout_s = 7;
+        };
+      }
+    ];
+  }
+  {
+    name = "the unit: ExecCondition check, ExecStartPre swap, first and privileged; ExecStart kept";
     ok =
-      let j = json base; in
-      j.driver_version == "570.133.07"
-      && j.kernel_release == "6.12.8-zen1"
-      && j.module_dirs == [ "${driver.bin}/lib/modules/6.12.8-zen1" ]
-      && j.rollback_dirs == [ "/run/booted-system/kernel-modules/lib/modules/6.12.8-zen1" ]
-      && j.modules == [ "nvidia" "nvidia_modeset" "nvidia_uvm" ]
-      && j.on_busy == "defer" && j.on_kernel_change == "defer" && j.stop_units == [ ]
-      && j.settle_timeout_s == 10 && j.state_dir == "/run/nvidia-kmod-swap"
-      && j.allowed_prefixes == [ "${builtins.storeDir}/" ];
+      let
+        s = system {
+          settings.enable = true;
+          hardware = nvidia { };
+          extra.systemd.services.nvidia-persistenced.serviceConfig.ExecStartPre = [ "/bin/true" ];
+        };
+      in
+      expect [
+        {
+          what = "ExecCondition";
+          got = (unit s).ExecCondition;
+          want = [ "+${helper} --config ${file s} check" ];
+        }
+        {
+          what = "ExecStartPre";
+          got = (unit s).ExecStartPre;
+          want = [
+            "+${helper} --config ${file s} swap"
+            "/bin/true"
+          ];
+        }
+        {
+          what = "ExecStart";
+          got = (unit s).ExecStart;
+          want = "${driver.persistenced}/bin/nvidia-persistenced --verbose";
+        }
+      ];
   }
   {
-    name = "verify uses the driver's own nvidia-smi";
-    ok = (json base).verify_command == [ "${driver.bin}/bin/nvidia-smi" "--query-gpu=driver_version" "--format=csv,noheader" ];
-  }
-  {
-    name = "every option reaches the JSON config (open tree, modesetting, stop-units, fail, no verify, timeout, extra dirs)";
-    ok =
-      let j = json tuned; in
-      j.module_dirs == [ "${driver.open}/lib/modules/6.12.8-zen1" "/nix/store/gggggggggggggggggggggggggggggggg-gdrcopy/lib/modules/6.12.8-zen1" ]
-      && j.modules == [ "nvidia" "nvidia_modeset" "nvidia_uvm" "nvidia_drm" ]
-      && j.on_busy == "stop-units" && j.stop_units == [ "ollama.service" ]
-      && j.on_kernel_change == "fail" && j.verify_command == null && j.settle_timeout_s == 7;
-  }
-  {
-    name = "the unit: ExecCondition runs check, ExecStartPre runs swap, both first and privileged";
-    ok =
-      (unit base).ExecCondition == [ "+${helper} --config ${file base} check" ]
-      && (unit base).ExecStartPre == [ "+${helper} --config ${file base} swap" ];
-  }
-  {
-    name = "a new config (new driver) restarts the unit";
-    ok = base.config.systemd.services.nvidia-persistenced.restartTriggers == [ base.config.environment.etc."nvidia-kmod-swap/config.json".source ];
+    name = "a new config (new driver or module tree) restarts the unit";
+    ok = expect [
+      {
+        what = "restartTriggers";
+        got = map (p: p.outPath) (config base).systemd.services.nvidia-persistenced.restartTriggers;
+        want = [ (file base) ];
+      }
+    ];
   }
   {
     name = "standalone: own oneshot unit, nvidia-persistenced untouched";
-    ok =
-      standalone.config.systemd.services.nvidia-kmod-swap.serviceConfig.ExecStart == "${helper} --config ${file standalone} swap"
-      && !(standalone.config.systemd.services ? nvidia-persistenced)
-      && assertionsHold standalone;
+    ok = expect [
+      {
+        what = "ExecStart";
+        got = (config standalone).systemd.services.nvidia-kmod-swap.serviceConfig.ExecStart;
+        want = "${helper} --config ${file standalone} swap";
+      }
+      {
+        what = "no nvidia-persistenced";
+        got = (config standalone).systemd.services ? nvidia-persistenced;
+        want = false;
+      }
+      {
+        what = "assertions";
+        got = failedAssertions standalone;
+        want = [ ];
+      }
+    ];
   }
   {
     name = "disabled: the module adds nothing";
-    ok = (eval { hardware = hw { }; }).config == { };
-  }
-  {
-    name = "assertion: needs nvidia-persistenced or standalone";
-    ok = assertionsHold base && !(assertionsHold (on { } { nvidiaPersistenced = false; }));
-  }
-  {
-    name = "assertion: a package without version/bin is not an NVIDIA driver";
-    ok = !(assertionsHold (on { nvidiaPackage = { outPath = "/nix/store/x-hello"; }; } { }));
-  }
-  {
-    name = "types: bad values are rejected (onBusy = kill, settleTimeout = 0, stopUnits = a string)";
     ok =
-      fails (json (on { onBusy = "kill"; } { }))
-      && fails (json (on { settleTimeout = 0; } { }))
-      && fails (json (on { stopUnits = "ollama.service"; } { }))
-      && fails (json (on { noSuchOption = true; } { }));
+      let
+        s = system { hardware = nvidia { }; };
+      in
+      expect [
+        {
+          what = "config file";
+          got = (config s).environment.etc ? "nvidia-kmod-swap/config.json";
+          want = false;
+        }
+        {
+          what = "unit";
+          got = (config s).systemd.services.nvidia-persistenced.serviceConfig ? ExecCondition;
+          want = false;
+        }
+      ];
+  }
+  {
+    name = "assertion: hooks into nvidia-persistenced or runs standalone";
+    ok = expect [
+      {
+        what = "holds by default";
+        got = failedAssertions base;
+        want = [ ];
+      }
+      {
+        what = "fails without nvidiaPersistenced";
+        got = assertionsHold (on { } (nvidia { nvidiaPersistenced = false; }));
+        want = false;
+      }
+    ];
+  }
+  {
+    name = "assertion: nvidiaPersistenced without the driver enabled (no unit to start) is named";
+    ok = expect [
+      {
+        what = "assertions hold";
+        got = assertionsHold noDriver;
+        want = false;
+      }
+      {
+        what = "message names the missing unit";
+        got = builtins.any (lib.hasPrefix "services.nvidiaKmodSwap: hardware.nvidia.nvidiaPers") (
+          map lib.trim (failedAssertions noDriver)
+        );
+        want = true;
+      }
+    ];
+  }
+  {
+    name = "assertion: a package without version is not an NVIDIA driver";
+    ok = expect [
+      {
+        what = "assertions hold";
+        got = assertionsHold (
+          on {
+            nvidiaPackage = fakeDrv "hello-2.12" { };
+          } (nvidia { })
+        );
+        want = false;
+      }
+    ];
+  }
+  {
+    name = "types: bad values are rejected (onBusy, settleTimeout, stopUnits, unknown, open)";
+    ok = expect [
+      {
+        what = "onBusy = kill";
+        got = fails (json (on { onBusy = "kill"; } (nvidia { })));
+        want = true;
+      }
+      {
+        what = "settleTimeout = 0";
+        got = fails (json (on { settleTimeout = 0; } (nvidia { })));
+        want = true;
+      }
+      {
+        what = "stopUnits = a string";
+        got = fails (json (on { stopUnits = "ollama.service"; } (nvidia { })));
+        want = true;
+      }
+      {
+        what = "unknown option";
+        got = fails (json (on { noSuchOption = true; } (nvidia { })));
+        want = true;
+      }
+      {
+        what = "hardware.nvidia.open = \"yes\"";
+        got = fails (json (on { } (nvidia { open = "yes"; })));
+        want = true;
+      }
+    ];
   }
   {
     name = "options: the documented set";
-    ok = base.options == [ "enable" "extraModuleDirs" "nvidiaPackage" "onBusy" "onKernelChange" "package" "settleTimeout" "standalone" "stopUnits" "verify" ];
+    ok = expect [
+      {
+        what = "services.nvidiaKmodSwap";
+        got = builtins.attrNames base.options.services.nvidiaKmodSwap;
+        want = [
+          "enable"
+          "extraModuleDirs"
+          "nvidiaPackage"
+          "onBusy"
+          "onKernelChange"
+          "package"
+          "settleTimeout"
+          "standalone"
+          "stopUnits"
+          "verify"
+        ];
+      }
+    ];
+  }
+  {
+    name = "flake outputs as nix flake check sees them: checks, packages, ... are derivations";
+    ok = expect [
+      {
+        what = "not acceptable";
+        got = flakeProblems;
+        want = [ ];
+      }
+      {
+        what = "checks.x86_64-linux";
+        got = builtins.attrNames outputs.checks.x86_64-linux;
+        want = [
+          "busy-defer"
+          "module-eval"
+          "package"
+          "rollback"
+          "swap"
+          "swap-legacy-layout"
+          "swap-open"
+        ];
+      }
+    ];
+  }
+  {
+    name = "tests/nixos/module-eval.nix (a flake check) passes against the doubled NixOS";
+    ok = expect [
+      {
+        what = "derivation";
+        got = isDerivation outputs.checks.x86_64-linux.module-eval;
+        want = true;
+      }
+    ];
+  }
+  {
+    name = "VM test machine: each specialisation's module tree has its own driver (mod, open, bin)";
+    ok =
+      let
+        base26 = machineTree { } null;
+        new26 = machineTree { } "new";
+        openNew = machineTree { open = true; } "new";
+        legacyNew = machineTree { layout = "legacy"; } "new";
+      in
+      expect [
+        {
+          what = "booted: old mod";
+          got = base26.packages;
+          want = [ "fake-nvidia-kernel-modules-6.18.1-570.124.04" ];
+        }
+        {
+          what = "new: new mod, new version, its own tree";
+          got = [
+            new26.packages
+            new26.version
+            (new26.dirs == [ new26.tree ])
+            (new26.tree != base26.tree)
+          ];
+          want = [
+            [ "fake-nvidia-kernel-modules-6.18.1-570.133.07" ]
+            "570.133.07"
+            true
+            true
+          ];
+        }
+        {
+          what = "open";
+          got = openNew.packages;
+          want = [ "fake-nvidia-open-6.18.1-570.133.07" ];
+        }
+        {
+          what = "legacy layout: the bin output";
+          got = legacyNew.packages;
+          want = [ "fake-nvidia-x11-570.133.07-bin" ];
+        }
+      ];
   }
 ]

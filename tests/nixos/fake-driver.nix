@@ -1,43 +1,108 @@
-# The test bed's fake NVIDIA driver (tests/fake-driver) built for a NixOS kernel and shaped like
-# nvidia_x11 as far as services.nvidiaKmodSwap looks at it: `version`, a `bin` output with
-# lib/modules/<modDirVersion>/misc/*.ko and bin/{nvidia-smi,nvidia-persistenced}, and `open`.
+# The test bed's fake NVIDIA driver (tests/fake-driver) built for the test machine's kernel and
+# shaped like nixpkgs' nvidia_x11 as far as NixOS and services.nvidiaKmodSwap look at it:
+#
+# - 2026 layout (pkgs/os-specific/linux/nvidia-x11/generic.nix, binaries.nix, kernel-modules.nix):
+#   outputs out, bin (bin/nvidia-smi), firmware (lib/firmware/nvidia/<version>); the kernel
+#   modules are separate derivations, passthru.mod (proprietary) and passthru.open, each with
+#   lib/modules/<modDirVersion>/kernel/drivers/video/*.ko (NVIDIA's kernel-open/Makefile:
+#   INSTALL_MOD_DIR ?= kernel/drivers/video); passthru.persistenced has bin/nvidia-persistenced
+#   (persistenced.nix, meta.mainProgram).
+# - "legacy" layout (builder.sh before 2026): the proprietary modules live in the bin output,
+#   bin/lib/modules/<modDirVersion>/misc/*.ko, and there is no passthru.mod.
+#
+# Built as nixpkgs builds out-of-tree modules: kernelModuleMakeFlags from the kernelPackages scope
+# (pkgs/top-level/linux-kernels.nix) and kernel.moduleBuildDependencies; kernel.makeFlags carries
+# O=$(buildRoot) and breaks such builds on Linux >= 6.13 (nixpkgs issue 375605).
 {
   lib,
   stdenv,
   kernel,
+  kernelModuleMakeFlags,
   version,
-  # A kernel module whose init fails on purpose (e.g. "NVIDIA_UVM"), for the rollback test.
+  # "2026" (modules in passthru.mod/.open) or "legacy" (proprietary modules in the bin output).
+  layout ? "2026",
+  # A kernel module whose init fails on purpose (e.g. "NVIDIA_UVM"), for the rollback story.
   failInit ? null,
 }:
 
+let
+  suffix = lib.optionalString (failInit != null) "-${lib.toLower failInit}-fails";
+
+  modules =
+    flavour: installDir:
+    stdenv.mkDerivation {
+      pname = "fake-nvidia-${flavour}${suffix}";
+      version = "${kernel.version}-${version}";
+      src = ../fake-driver;
+      nativeBuildInputs = kernel.moduleBuildDependencies;
+      buildPhase = ''
+        runHook preBuild
+        make -j$NIX_BUILD_CORES -C ${kernel.dev}/lib/modules/${kernel.modDirVersion}/build M=$PWD \
+          ${lib.escapeShellArgs kernelModuleMakeFlags} FAKE_NV_VERSION=${version} \
+          ${lib.optionalString (failInit != null) "FAKE_NV_FAIL=${failInit}"} modules
+        runHook postBuild
+      '';
+      installPhase = ''
+        runHook preInstall
+        install -Dm444 -t $out/lib/modules/${kernel.modDirVersion}/${installDir} nvidia*.ko
+        runHook postInstall
+      '';
+    };
+
+  mod = modules "kernel-modules" "kernel/drivers/video";
+  open = modules "open" "kernel/drivers/video";
+  legacyModules = modules "legacy-kernel-modules" "misc";
+
+  persistenced = stdenv.mkDerivation {
+    pname = "fake-nvidia-persistenced";
+    inherit version;
+    src = ../fake-driver;
+    buildPhase = ''
+      runHook preBuild
+      $CC -O2 -Wall -I. -DFAKE_NV_VERSION='"${version}"' -o nvidia-persistenced \
+        nvidia-persistenced.c
+      runHook postBuild
+    '';
+    installPhase = ''
+      runHook preInstall
+      install -Dm755 -t $out/bin nvidia-persistenced
+      runHook postInstall
+    '';
+    meta.mainProgram = "nvidia-persistenced";
+  };
+in
 stdenv.mkDerivation {
-  pname = "fake-nvidia-x11" + lib.optionalString (failInit != null) "-${lib.toLower failInit}-fails";
+  pname = "fake-nvidia-x11" + suffix;
   inherit version;
   src = ../fake-driver;
   outputs = [
     "out"
     "bin"
+    "firmware"
   ];
-  nativeBuildInputs = kernel.moduleBuildDependencies;
 
   buildPhase = ''
     runHook preBuild
-    make -C ${kernel.dev}/lib/modules/${kernel.modDirVersion}/build M=$PWD \
-      ${lib.escapeShellArgs kernel.makeFlags} FAKE_NV_VERSION=${version} \
-      ${lib.optionalString (failInit != null) "FAKE_NV_FAIL=${failInit}"} modules
-    for tool in nvidia-persistenced nvidia-smi; do
-      $CC -O2 -Wall -I. -DFAKE_NV_VERSION='"${version}"' -o $tool $tool.c
-    done
+    $CC -O2 -Wall -I. -DFAKE_NV_VERSION='"${version}"' -o nvidia-smi nvidia-smi.c
     runHook postBuild
   '';
 
   installPhase = ''
     runHook preInstall
-    install -Dm444 -t $bin/lib/modules/${kernel.modDirVersion}/misc nvidia*.ko
-    install -Dm755 -t $bin/bin nvidia-persistenced nvidia-smi
-    mkdir -p $out
+    install -Dm755 -t $bin/bin nvidia-smi
+    mkdir -p $out/lib $firmware/lib/firmware/nvidia/${version}
+    echo "fake GSP firmware ${version}" > $firmware/lib/firmware/nvidia/${version}/gsp_fake.bin
+  ''
+  + lib.optionalString (layout == "legacy") ''
+    modules=lib/modules/${kernel.modDirVersion}/misc
+    install -Dm444 -t $bin/$modules ${legacyModules}/$modules/*.ko
+  ''
+  + ''
     runHook postInstall
   '';
 
-  passthru.open = null;
+  passthru = {
+    inherit open persistenced;
+  }
+  // lib.optionalAttrs (layout == "2026") { inherit mod; };
 }

@@ -1,0 +1,230 @@
+# A TEST DOUBLE of the NixOS modules services.nvidiaKmodSwap meets, as lists of modules for
+# modules-double.nix. Option types and defaults, and the config these modules contribute, are
+# taken from the nixpkgs files named beside them (NixOS/nixpkgs, 2025-2026 versions; where a file
+# changed in 2026 both versions are here, chosen by `era`). Options we never touch are left out,
+# so defining one of those fails here although NixOS would accept it.
+{
+  # "2026": nvidia.nix installs `nvidia_x11.mod` (nixpkgs PR 498612, May 2026);
+  # "2025": nvidia.nix installs `nvidia_x11.bin`, where the proprietary modules lived before.
+  era ? "2026",
+}:
+[
+  # nixos/modules/system/boot/kernel.nix
+  (
+    {
+      config,
+      lib,
+      pkgs,
+      ...
+    }:
+    let
+      # kernel.nix attrNamesToTrue: a list of names or an attrset of booleans; apply -> the names.
+      attrNamesToTrue = lib.types.coercedTo (lib.types.listOf lib.types.str) (
+        names: lib.genAttrs names (_: true)
+      ) (lib.types.attrsOf lib.types.bool);
+    in
+    {
+      options = {
+        boot.kernelPackages = lib.mkOption {
+          type = lib.types.raw;
+          default = pkgs.linuxPackages;
+        };
+        boot.kernelModules = lib.mkOption {
+          type = attrNamesToTrue;
+          default = { };
+          apply = mods: lib.attrNames (lib.filterAttrs (_: v: v) mods);
+        };
+        boot.extraModulePackages = lib.mkOption {
+          type = lib.types.listOf lib.types.package;
+          default = [ ];
+        };
+        boot.kernelParams = lib.mkOption {
+          type = lib.types.listOf lib.types.str;
+          default = [ ];
+        };
+        # internal; "Convert the list of path to only one path": aggregateModules (a buildEnv).
+        system.modulesTree = lib.mkOption {
+          type = lib.types.listOf lib.types.path;
+          default = [ ];
+          apply = modules: pkgs.aggregateModules modules;
+        };
+      };
+      config = {
+        boot.kernelModules = [
+          "loop"
+          "atkbd"
+        ];
+        # 2026: `[ (lib.getOutput "modules" kernel) ] ++ ...`; before: `[ kernel ] ++ ...`.
+        system.modulesTree = [
+          (lib.getOutput "modules" config.boot.kernelPackages.kernel)
+        ]
+        ++ config.boot.extraModulePackages;
+      };
+    }
+  )
+
+  # nixos/modules/hardware/video/nvidia.nix (the parts that decide the module tree, the modules
+  # loaded at boot and the nvidia-persistenced unit)
+  (
+    {
+      config,
+      lib,
+      pkgs,
+      ...
+    }:
+    let
+      cfg = config.hardware.nvidia;
+      nvidiaEnabled = cfg.enable || cfg.datacenter.enable;
+      nvidiaPkg = if nvidiaEnabled then cfg.package else null;
+      useOpenModules = cfg.open == true;
+      persistenced = lib.mkIf cfg.nvidiaPersistenced {
+        description = "NVIDIA Persistence Daemon";
+        wantedBy = [ "multi-user.target" ];
+        serviceConfig = {
+          Type = "forking";
+          Restart = "always";
+          PIDFile = "/var/run/nvidia-persistenced/nvidia-persistenced.pid";
+          ExecStart = "${lib.getExe nvidiaPkg.persistenced} --verbose";
+          ExecStopPost = "${pkgs.coreutils}/bin/rm -rf /var/run/nvidia-persistenced";
+        };
+      };
+    in
+    {
+      options.hardware.nvidia = {
+        enabled = lib.mkOption {
+          readOnly = true;
+          type = lib.types.bool;
+          default = nvidiaPkg != null;
+        };
+        enable = lib.mkEnableOption "NVIDIA driver support";
+        datacenter.enable = lib.mkEnableOption "Data Center drivers (NVLink topology)";
+        modesetting.enable = lib.mkEnableOption "kernel modesetting" // {
+          default = lib.versionAtLeast cfg.package.version "535";
+        };
+        nvidiaPersistenced = lib.mkEnableOption "nvidia-persistenced";
+        package = lib.mkOption {
+          type = lib.types.raw;
+          default =
+            let
+              flavour = if cfg.datacenter.enable then "dc" else "stable";
+            in
+            config.boot.kernelPackages.nvidiaPackages.${flavour};
+        };
+        open = lib.mkOption {
+          type = lib.types.nullOr lib.types.bool;
+          default = if lib.versionOlder nvidiaPkg.version "560" then false else null;
+        };
+      };
+      config = lib.mkIf cfg.enabled (
+        lib.mkMerge [
+          {
+            boot.extraModulePackages =
+              if useOpenModules then
+                [ nvidiaPkg.open ]
+              else if era == "2026" then
+                [ nvidiaPkg.mod ]
+              else
+                [ nvidiaPkg.bin ];
+            boot.kernelModules = lib.optionals useOpenModules [ "nvidia_uvm" ];
+            systemd.services.nvidia-persistenced = persistenced;
+          }
+          (lib.mkIf cfg.enable {
+            boot.kernelModules = [
+              "nvidia"
+              "nvidia_modeset"
+              "nvidia_drm"
+            ];
+          })
+        ]
+      );
+    }
+  )
+
+  # The rest of NixOS we define into or read.
+  (
+    { lib, ... }:
+    let
+      # nixos/lib/systemd-unit-options.nix unitOption: list definitions concatenate (in mkOrder
+      # order), others must be equal.
+      unitOption = lib.mkOptionType {
+        name = "systemd option";
+        merge =
+          loc: defs:
+          if lib.any (def: lib.isList def.value) defs then
+            lib.concatLists (map (def: lib.toList def.value) defs)
+          else
+            lib.mergeEqualOption loc defs;
+      };
+      # nixos/lib/systemd-unit-options.nix / systemd.nix: a service is a submodule; the options of
+      # it we use, with their types. Another name is an error, as the submodule would make it.
+      serviceOptions = with lib.types; {
+        description = str;
+        wantedBy = listOf str;
+        after = listOf str;
+        requires = listOf str;
+        path = listOf package;
+        restartTriggers = listOf unspecified;
+        serviceConfig = attrsOf unitOption;
+      };
+      service = lib.mkOptionType {
+        name = "systemd service";
+        check = builtins.isAttrs;
+        merge =
+          loc: defs:
+          let
+            names = lib.unique (lib.concatLists (map (d: builtins.attrNames d.value) defs));
+            field =
+              n:
+              if serviceOptions ? ${n} then
+                lib.modules.mergeDefinitions (loc ++ [ n ]) serviceOptions.${n} (
+                  map (d: d // { value = d.value.${n}; }) (lib.filter (d: d.value ? ${n}) defs)
+                )
+              else
+                throw "The option `${lib.showOption (loc ++ [ n ])}' does not exist.";
+          in
+          lib.genAttrs (lib.filter (n: (field n).optionalValue ? value) names) (
+            n: (field n).mergedValue
+          );
+      };
+    in
+    {
+      options = {
+        assertions = lib.mkOption {
+          type = lib.types.listOf lib.types.anything;
+          default = [ ];
+        };
+        environment.etc = lib.mkOption {
+          type = lib.types.attrsOf lib.types.anything;
+          default = { };
+        };
+        environment.systemPackages = lib.mkOption {
+          type = lib.types.listOf lib.types.package;
+          default = [ ];
+        };
+        systemd.services = lib.mkOption {
+          type = lib.types.attrsOf service;
+          default = { };
+        };
+        services.udev.extraRules = lib.mkOption {
+          type = lib.types.lines;
+          default = "";
+        };
+        # specialisation.<name>.configuration is a deferredModule: kept as written, evaluated later.
+        specialisation = lib.mkOption {
+          type = lib.types.attrsOf lib.types.raw;
+          default = { };
+        };
+        fileSystems = lib.mkOption {
+          type = lib.types.attrsOf lib.types.anything;
+          default = { };
+        };
+        boot.loader.grub.enable = lib.mkOption {
+          type = lib.types.bool;
+          default = true;
+        };
+        system.stateVersion = lib.mkOption { type = lib.types.str; };
+        nixpkgs.hostPlatform = lib.mkOption { type = lib.types.anything; };
+      };
+    }
+  )
+]

@@ -1,0 +1,19 @@
+with subtest("a driver bump swaps the modules live and the unit starts"):
+    rc, out = switch("new")
+    assert rc == 0, out
+    machine.wait_for_unit("nvidia-persistenced.service")
+    assert set(versions().values()) == {NEW}, versions()
+    # The loaded nvidia is the file of the new generation's module tree, not of the booted one.
+    tree = "/run/current-system/kernel-modules/lib/modules/$(uname -r)"
+    machine.succeed(
+        f"test \"$(modinfo -F srcversion $(find -L {tree} -name nvidia.ko))\" = \"$(cat /sys/module/nvidia/srcversion)\""
+    )
+    machine.succeed("test \"$(stat -c %t:%T /dev/nvidiactl)\" = c3:ff")
+    machine.fail("journalctl -k --grep 'API mismatch'")
+
+with subtest("rolling the generation back swaps back"):
+    rc, out = switch("base")
+    assert rc == 0, out
+    machine.wait_for_unit("nvidia-persistenced.service")
+    assert set(versions().values()) == {OLD}, versions()
+    machine.fail("journalctl -k --grep 'API mismatch'")
