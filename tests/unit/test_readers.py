@@ -136,3 +136,41 @@ def test_journal_entries_in_the_native_format(tmp_path):
     assert fields["MESSAGE_ID"] == MESSAGE_IDS["rolled-back"] and fields["PRIORITY"] == "3"
     assert fields["NVIDIA_REASON"] == "uvm" and fields["NVIDIA_HOLDER_PIDS"] == "1 2"
     assert "NVIDIA_MODULES" not in fields and fields["SYSLOG_IDENTIFIER"] == "nvidia-kmod-swap"
+
+
+def _depmod_tree(tmp_path):
+    """A module tree with modules.dep as depmod writes it: paths relative to the tree, deps after ':'."""
+    tree = tmp_path / "lib/modules" / RELEASE
+    write_ko(tree / "kernel/drivers/video", "nvidia", NEW)
+    write_ko(tree / "kernel/drivers/video", "nvidia_drm", NEW)
+    write_ko(tree / "kernel/drivers/gpu/drm", "drm", None, depends=(), compression="xz")
+    (tree / "modules.dep").write_text(
+        "kernel/drivers/gpu/drm/drm.ko.xz:\n"
+        "kernel/drivers/video/nvidia.ko:\n"
+        "kernel/drivers/video/nvidia-drm.ko: kernel/drivers/video/nvidia.ko kernel/drivers/gpu/drm/drm.ko.xz\n")
+    return tree
+
+
+def test_module_files_come_from_modules_dep_without_walking(tmp_path, monkeypatch):
+    from nvidia_kmod_swap import modinfo
+
+    tree = _depmod_tree(tmp_path)
+
+    def no_walk(top):
+        raise AssertionError(f"walked {top}")
+
+    monkeypatch.setattr(modinfo, "_walk", no_walk)
+    files = modinfo.ModuleFiles([str(tree)])
+    assert files.get("nvidia") == [tree / "kernel/drivers/video/nvidia.ko"]  # not nvidia-drm.ko, not a dependency
+    assert files.get("nvidia_drm") == [tree / "kernel/drivers/video/nvidia-drm.ko"]
+    assert files.get("drm") == [tree / "kernel/drivers/gpu/drm/drm.ko.xz"]
+
+
+def test_module_files_walk_when_modules_dep_lacks_the_name_or_is_stale(tmp_path):
+    from nvidia_kmod_swap.modinfo import ModuleFiles
+
+    tree = _depmod_tree(tmp_path)
+    write_ko(tree / "updates", "nvidia_uvm", NEW)  # added without depmod
+    assert ModuleFiles([str(tree)]).get("nvidia_uvm") == [tree / "updates/nvidia-uvm.ko"]
+    (tree / "kernel/drivers/video/nvidia.ko").rename(tree / "updates/nvidia.ko")  # the index names a gone file
+    assert ModuleFiles([str(tree)]).get("nvidia") == [tree / "updates/nvidia.ko"]

@@ -249,8 +249,19 @@ class Machine:
             if time.monotonic() > deadline:
                 raise GuestError("QEMU did not create its backdoor socket")
             time.sleep(0.05)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(str(sock_path))
+        # QEMU binds the socket before it listens: a connect in between is refused (seen once in a
+        # CI-like run with the machine loaded), so retry until it listens.
+        while True:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                self.sock.connect(str(sock_path))
+                break
+            except ConnectionRefusedError:
+                self.sock.close()
+                self._check_alive()
+                if time.monotonic() > deadline:
+                    raise GuestError("QEMU's backdoor socket refused connections") from None
+                time.sleep(0.05)
         # The guest's agent starts early in boot; until it does, our lines fall on a closed port.
         while True:
             try:
@@ -404,7 +415,23 @@ class Bed:
 
     def restart_persistenced(self) -> int:
         """Restarts the unit as switch-to-configuration does; returns systemctl's exit code."""
+        out = self.machine.succeed("journalctl -u nvidia-persistenced -n 0 --show-cursor --no-pager")
+        self._restart_cursor = out.strip().rpartition("cursor: ")[2]
         return self.machine.execute("systemctl restart nvidia-persistenced.service", timeout=180)[0]
+
+    def wait_persistenced_failed(self, timeout: float = 60) -> None:
+        """Waits until a start of the unit since the last restart_persistenced() has failed.
+
+        Restart=always starts a failed unit again; systemd parks it in `failed` only once
+        StartLimitBurst (5 starts in 10 s) is hit. Under TCG a failing start of the helper takes
+        about 2 s, so the limit may never be hit and ActiveState cycles through `activating`
+        (seen on these machines). systemd logs each failed start either way, so this waits for that
+        line in the unit's journal after the restart.
+        """
+        cursor = getattr(self, "_restart_cursor", "")
+        self.machine.wait_until_succeeds(
+            f"journalctl -u nvidia-persistenced --no-pager --after-cursor='{cursor}'"
+            " --grep 'Failed with result' >/dev/null", timeout)
 
 
 class Testbed:

@@ -9,7 +9,7 @@ from pathlib import Path
 from . import holders as holders_mod
 from . import params as params_mod
 from .config import Config
-from .modinfo import ModuleFileError, find_module_files, module_name, read_modinfo
+from .modinfo import ModuleFileError, ModuleFiles, module_name, read_modinfo
 from .paths import Root
 from .plan import Candidate, Inventory, Plan, plan_change, refuse_repeat, triage
 from .snapshot import Snapshot, read_snapshot
@@ -28,7 +28,7 @@ def candidate(path: Path) -> Candidate:
         return Candidate(path, resolved, error=f"{type(e).__name__}: {e}")
 
 
-def inventory(files: dict[str, list[Path]], names, extra_files: list[Path] = ()) -> Inventory:
+def inventory(files: ModuleFiles, names, extra_files: list[Path] = ()) -> Inventory:
     """Candidates for NAMES only. A NixOS module tree holds thousands of (compressed) in-tree
     modules: only the files of the modules asked for are opened and parsed."""
     wanted = set(names)
@@ -39,12 +39,13 @@ def inventory(files: dict[str, list[Path]], names, extra_files: list[Path] = ())
             if c.info is not None:
                 found.setdefault(c.info.name, []).append(c)
     for name in sorted(wanted):
-        if name in files:
-            found.setdefault(name, []).extend(candidate(p) for p in files[name])
+        paths = files.get(name)
+        if paths:
+            found.setdefault(name, []).extend(candidate(p) for p in paths)
     return found
 
 
-def new_inventory(files: dict[str, list[Path]], wanted, driver_version: str) -> Inventory:
+def new_inventory(files: ModuleFiles, wanted, driver_version: str) -> Inventory:
     """Candidates for WANTED and, transitively, their dependencies, as far as a dependency can be
     part of the new driver (plan.py decides which are). The dependencies of a kernel module
     (drm -> ...) are not followed: the running kernel loads those by name."""
@@ -53,9 +54,10 @@ def new_inventory(files: dict[str, list[Path]], wanted, driver_version: str) -> 
     roots = set(wanted)
     while todo:
         name = todo.pop(0)
-        if name in found or name not in files:
+        paths = [] if name in found else files.get(name)
+        if not paths:
             continue
-        found[name] = [candidate(p) for p in files[name]]
+        found[name] = [candidate(p) for p in paths]
         info = found[name][0].info
         if info is not None and (name in roots or info.version == driver_version):
             todo.extend(info.depends)
@@ -85,11 +87,11 @@ def make_plan(root: Root, config: Config, snapshot: Snapshot | None = None, retr
     if early is not None:
         return early
     family = snapshot.family()
-    new = new_inventory(find_module_files(config.module_dirs), list(dict.fromkeys(family + list(config.modules))),
-                        config.driver_version)
+    trees = ModuleFiles(config.module_dirs)  # each directory indexed once for both inventories
+    new = new_inventory(trees, list(dict.fromkeys(family + list(config.modules))), config.driver_version)
     # Files of what is loaded now: our last swap's record, the booted system's tree, and the new
     # tree too (a module already at the new version, after an interrupted swap, is rolled back to itself).
-    old = (inventory(find_module_files(list(config.rollback_dirs) + list(config.module_dirs)), family,
+    old = (inventory(trees.over(list(config.rollback_dirs) + list(config.module_dirs)), family,
                      recorded_paths(root, config)) if family else {})
     names = set(snapshot.family()) | set(config.modules) | set(new)
     params = params_mod.collect(root, names)

@@ -132,13 +132,94 @@ def _check_complete(elf: bytes, path: Path) -> None:
             raise ModuleFileError(f"{path}: truncated: section {i} ends past the end of the file")
 
 
+class DepmodIndex:
+    """TOP/modules.dep, depmod's index of a module tree (what modprobe reads), searched by name.
+
+    A NixOS module tree has one (aggregateModules runs depmod over it). Finding a name in it is a
+    byte search of one file, where walking the tree's ~4,000 symlinked modules is a directory read
+    each and splitting all its lines costs more than the search. Nothing is checked here;
+    ModuleFiles checks the files it hands out.
+    """
+
+    def __init__(self, top: str, data: bytes) -> None:
+        self.top, self.data = top, data
+
+    @classmethod
+    def read(cls, top: str) -> DepmodIndex | None:
+        try:
+            with open(os.path.join(top, "modules.dep"), "rb") as f:
+                return cls(top, f.read())
+        except OSError:
+            return None
+
+    def get(self, name: str) -> list[str] | None:
+        """Paths relative to the tree of the files of module NAME (either spelling), or None."""
+        found: list[str] = []
+        data = self.data
+        for spelling in dict.fromkeys((name, name.replace("_", "-"))):
+            needle = os.fsencode(spelling) + b".ko"
+            at = data.find(needle)
+            while at >= 0:
+                start = data.rfind(b"\n", 0, at) + 1
+                end = data.find(b":", at)
+                tail = data[at + len(needle): end] if end >= 0 else b"?"
+                if (at == start or data[at - 1: at] == b"/") and tail in (b"", b".xz", b".zst"):
+                    found.append(os.fsdecode(data[start:end]))
+                at = data.find(needle, at + 1)
+        return found or None
+
+
+def _walk(top: str) -> dict[str, list[Path]]:
+    found: dict[str, list[Path]] = {}
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        dirnames.sort()  # a deterministic order when a tree has two files for one module
+        for filename in sorted(filenames):
+            if filename.endswith(SUFFIXES):
+                path = Path(dirpath) / filename
+                found.setdefault(module_name(path), []).append(path)
+    return found
+
+
+class ModuleFiles:
+    """Kernel name -> module files below some directories, in the order of the directories, looked
+    up by name. Per directory: its modules.dep when it has one and the files it names exist; a name
+    the index lacks (a file added without depmod), a stale index or a directory without one is
+    walked, once. Nothing is parsed here. One instance serves several lists of directories."""
+
+    def __init__(self, dirs: list[str] | tuple[str, ...] = ()) -> None:
+        self.dirs = list(dirs)
+        self._indexes: dict[str, DepmodIndex | None] = {}
+        self._walks: dict[str, dict[str, list[Path]]] = {}
+
+    def _walked(self, top: str) -> dict[str, list[Path]]:
+        if top not in self._walks:
+            self._walks[top] = _walk(top)
+        return self._walks[top]
+
+    def get(self, name: str, dirs: list[str] | tuple[str, ...] | None = None) -> list[Path]:
+        found: list[Path] = []
+        for top in self.dirs if dirs is None else dirs:
+            if top not in self._indexes:
+                self._indexes[top] = DepmodIndex.read(top)
+            index = self._indexes[top]
+            relative = index.get(name) if index is not None else None
+            hits = [Path(top) / r for r in relative] if relative is not None else None
+            if hits is not None and not all(p.exists() for p in hits):
+                self._indexes[top] = hits = None  # a stale index: walk this directory instead
+            found += hits if hits is not None else self._walked(top).get(name, [])
+        return found
+
+    def over(self, dirs: list[str] | tuple[str, ...]) -> ModuleFiles:
+        """The same caches, other directories."""
+        view = ModuleFiles(dirs)
+        view._indexes, view._walks = self._indexes, self._walks
+        return view
+
+
 def find_module_files(dirs: list[str] | tuple[str, ...]) -> dict[str, list[Path]]:
-    """Kernel name -> module files found below DIRS (recursively; misc/ or kernel/drivers/video/)."""
+    """Every module file below DIRS by kernel name, walking them (for `status` and the tests)."""
     found: dict[str, list[Path]] = {}
     for top in dirs:
-        for dirpath, _dirnames, filenames in os.walk(top, followlinks=True):
-            for filename in sorted(filenames):
-                if filename.endswith(SUFFIXES):
-                    path = Path(dirpath) / filename
-                    found.setdefault(module_name(path), []).append(path)
+        for name, paths in _walk(top).items():
+            found.setdefault(name, []).extend(paths)
     return found

@@ -16,5 +16,5 @@ def test(machine, bed):
     # With on_kernel_change=fail the unit fails instead, still touching nothing.
     bed.switch_driver("new", config={"kernel_release": "6.1.0-99-amd64", "on_kernel_change": "fail"})
     bed.restart_persistenced()
-    machine.wait_until_succeeds("test \"$(systemctl show -P ActiveState nvidia-persistenced)\" = failed", 60)
+    bed.wait_persistenced_failed()
     assert machine.module_addresses() == before

@@ -18,7 +18,7 @@ def test(machine, bed):
     for label, reason in CASES.items():
         bed.switch_driver(label)
         bed.restart_persistenced()
-        machine.wait_until_succeeds("test \"$(systemctl show -P ActiveState nvidia-persistenced)\" = failed", 60)
+        bed.wait_persistenced_failed()
         assert machine.module_addresses() == before, f"{label}: modules were reloaded"
         assert set(machine.driver_versions().values()) == {old}
         journal = machine.journal("-u nvidia-persistenced")

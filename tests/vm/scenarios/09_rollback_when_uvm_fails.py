@@ -9,7 +9,7 @@ def test(machine, bed):
     machine.wait_for_unit("nvidia-persistenced.service")
     bed.switch_driver("uvm-fails")
     assert bed.restart_persistenced() != 0
-    machine.wait_until_succeeds("test \"$(systemctl show -P ActiveState nvidia-persistenced)\" = failed", 60)
+    bed.wait_persistenced_failed()
     assert "nvidia-uvm built to fail its init" in machine.dmesg()
     assert machine.driver_versions() == {m: old for m in ("nvidia", "nvidia_drm", "nvidia_modeset", "nvidia_uvm")}, machine.driver_versions()
     users = machine.loaded_modules()

@@ -13,7 +13,7 @@ def test(machine, bed):
     before = machine.module_addresses()
     bed.switch_driver("new")
     bed.restart_persistenced()
-    machine.wait_until_succeeds("test \"$(systemctl show -P ActiveState nvidia-persistenced)\" = failed", 60)
+    bed.wait_persistenced_failed()
     assert machine.module_addresses() == before
     assert "gdrdrv is needed but no gdrdrv.ko" in machine.journal("-u nvidia-persistenced")
     machine.succeed("systemctl reset-failed nvidia-persistenced.service")
