@@ -48,26 +48,25 @@ let
       ];
     }).config;
 
+  # hardware.nvidia as a user enables the standard driver.
+  standard =
+    open:
+    evaluate {
+      hardware.nvidia = {
+        enable = true;
+        package = driver;
+        inherit open;
+      };
+    };
+
   systems = {
     proprietary = {
       expected = driver.mod;
-      config = evaluate {
-        hardware.nvidia = {
-          enable = true;
-          package = driver;
-          open = false;
-        };
-      };
+      config = standard false;
     };
     open = {
       expected = driver.open;
-      config = evaluate {
-        hardware.nvidia = {
-          enable = true;
-          package = driver;
-          open = true;
-        };
-      };
+      config = standard true;
     };
     datacenter = {
       expected = driver.mod;
