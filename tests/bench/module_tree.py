@@ -34,7 +34,7 @@ from fakesys import NEW, OLD, FakeSystem, write_ko  # noqa: E402
 
 from nvidia_kmod_swap import facts  # noqa: E402
 from nvidia_kmod_swap.config import parse  # noqa: E402
-from nvidia_kmod_swap.modinfo import find_module_files  # noqa: E402
+from nvidia_kmod_swap.modinfo import _walk as walk_tree  # noqa: E402  (every file, as before)
 
 DRIVER = ("nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm")
 
@@ -93,11 +93,11 @@ def main() -> None:
                         "allowed_prefixes": [str(store) + "/"]})
         plan = facts.make_plan(system.root, config)
         assert plan.action == "swap", plan.reason
-        files = sum(len(v) for v in find_module_files([str(new_tree)]).values())
+        files = sum(len(v) for v in walk_tree(str(new_tree)).values())
 
         def parse_all() -> None:
             for tree in (new_tree, old_tree):
-                for paths in find_module_files([str(tree)]).values():
+                for paths in walk_tree(str(tree)).values():
                     for path in paths:
                         facts.candidate(path)
 

@@ -10,7 +10,7 @@ from fakesys import NEW, OLD, RELEASE, write_ko
 from nvidia_kmod_swap import config as config_mod
 from nvidia_kmod_swap import params
 from nvidia_kmod_swap.holders import find_holders, unit_of
-from nvidia_kmod_swap.modinfo import ModuleFileError, find_module_files, read_modinfo
+from nvidia_kmod_swap.modinfo import ModuleFileError, ModuleFiles, read_modinfo
 from nvidia_kmod_swap.snapshot import read_snapshot
 
 MINIMAL = {"driver_version": NEW, "kernel_release": RELEASE, "module_dirs": ["/nix/store/x"]}
@@ -75,12 +75,13 @@ def test_modinfo_rejects_bad_files(tmp_path):
         read_modinfo(tmp_path / "bad.ko.xz")
 
 
-def test_find_module_files_in_both_layouts(tmp_path):
+def test_module_files_in_both_layouts(tmp_path):
     write_ko(tmp_path / "a/misc", "nvidia_uvm", NEW)
     write_ko(tmp_path / "b/kernel/drivers/video", "nvidia", NEW, compression="xz")
-    found = find_module_files([str(tmp_path / "a"), str(tmp_path / "b")])
-    assert set(found) == {"nvidia_uvm", "nvidia"}
-    assert found["nvidia"][0].name == "nvidia.ko.xz"
+    found = ModuleFiles([str(tmp_path / "a"), str(tmp_path / "b")])
+    assert found.get("nvidia_uvm") == [tmp_path / "a/misc/nvidia-uvm.ko"]
+    assert found.get("nvidia") == [tmp_path / "b/kernel/drivers/video/nvidia.ko.xz"]
+    assert found.get("nvidia_drm") == []
 
 
 def test_modprobe_options_and_cmdline(tmp_path):

@@ -93,9 +93,9 @@ def make_plan(root: Root, config: Config, snapshot: Snapshot | None = None, retr
     # tree too (a module already at the new version, after an interrupted swap, is rolled back to itself).
     old = (inventory(trees.over(list(config.rollback_dirs) + list(config.module_dirs)), family,
                      recorded_paths(root, config)) if family else {})
-    names = set(snapshot.family()) | set(config.modules) | set(new)
+    names = set(family) | set(config.modules) | set(new)
     params = params_mod.collect(root, names)
-    gpu_holders = holders_mod.find_holders(root) if snapshot.family() else []
+    gpu_holders = holders_mod.find_holders(root) if family else []
     plan = plan_change(snapshot, config, new, old, params, gpu_holders)
     if retry:
         return plan

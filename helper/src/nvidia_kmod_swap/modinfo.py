@@ -214,12 +214,3 @@ class ModuleFiles:
         view = ModuleFiles(dirs)
         view._indexes, view._walks = self._indexes, self._walks
         return view
-
-
-def find_module_files(dirs: list[str] | tuple[str, ...]) -> dict[str, list[Path]]:
-    """Every module file below DIRS by kernel name, walking them (for `status` and the tests)."""
-    found: dict[str, list[Path]] = {}
-    for top in dirs:
-        for name, paths in _walk(top).items():
-            found.setdefault(name, []).extend(paths)
-    return found
