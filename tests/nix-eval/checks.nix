@@ -73,13 +73,15 @@ let
       nvidiaPersistenced = true;
     }
     // extra;
-  on = settings: hardware: system {
-    settings = {
-      enable = true;
-    }
-    // settings;
-    inherit hardware;
-  };
+  on =
+    settings: hardware:
+    system {
+      settings = {
+        enable = true;
+      }
+      // settings;
+      inherit hardware;
+    };
 
   config = s: s.config;
   json = s: builtins.fromJSON (config s).environment.etc."nvidia-kmod-swap/config.json".source.text;
@@ -105,7 +107,9 @@ let
   failedAssertions = s: map (a: a.message) (lib.filter (a: !a.assertion) (config s).assertions);
 
   base = on { } (nvidia { });
-  open = on { } (nvidia { open = true; });
+  open = on { } (nvidia {
+    open = true;
+  });
   datacenter = on { } {
     datacenter.enable = true;
     package = driver;
@@ -129,7 +133,9 @@ let
       (nvidia {
         open = true;
       });
-  standalone = on { standalone = true; } (nvidia { nvidiaPersistenced = false; });
+  standalone = on { standalone = true; } (nvidia {
+    nvidiaPersistenced = false;
+  });
   noDriver = on { } { nvidiaPersistenced = true; };
 
   flake = import ../../flake.nix;
@@ -481,7 +487,11 @@ in
       }
       {
         what = "fails without nvidiaPersistenced";
-        got = assertionsHold (on { } (nvidia { nvidiaPersistenced = false; }));
+        got = assertionsHold (
+          on { } (nvidia {
+            nvidiaPersistenced = false;
+          })
+        );
         want = false;
       }
     ];
@@ -542,7 +552,13 @@ in
       }
       {
         what = "hardware.nvidia.open = \"yes\"";
-        got = fails (json (on { } (nvidia { open = "yes"; })));
+        got = fails (
+          json (
+            on { } (nvidia {
+              open = "yes";
+            })
+          )
+        );
         want = true;
       }
     ];

@@ -467,10 +467,7 @@ let
       );
     getOutput =
       output: pkg:
-      if !pkg ? outputSpecified || !pkg.outputSpecified then
-        pkg.${output} or pkg.out or pkg
-      else
-        pkg;
+      if !pkg ? outputSpecified || !pkg.outputSpecified then pkg.${output} or pkg.out or pkg else pkg;
     getBin = getOutput "bin";
     # lib/meta.nix getExe/getExe': the program in the bin output of a *derivation* (asserted);
     # getExe takes meta.mainProgram (the real one warns and guesses the name without it).

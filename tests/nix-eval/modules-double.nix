@@ -151,9 +151,7 @@ let
       if unknown != [ ] then
         throw "The option `${lib.showOption (loc ++ [ (head unknown) ])}' does not exist."
       else
-        mapAttrs (
-          n: d: evalNode (loc ++ [ n ]) d (map (x: x.${n}) (filter (x: x ? ${n}) defs))
-        ) decl;
+        mapAttrs (n: d: evalNode (loc ++ [ n ]) d (map (x: x.${n}) (filter (x: x ? ${n}) defs))) decl;
 
   evalModules =
     {

@@ -182,9 +182,7 @@
               else
                 throw "The option `${lib.showOption (loc ++ [ n ])}' does not exist.";
           in
-          lib.genAttrs (lib.filter (n: (field n).optionalValue ? value) names) (
-            n: (field n).mergedValue
-          );
+          lib.genAttrs (lib.filter (n: (field n).optionalValue ? value) names) (n: (field n).mergedValue);
       };
     in
     {

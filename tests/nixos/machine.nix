@@ -19,8 +19,7 @@
 let
   versions = import ./versions.nix;
   fakeDriver =
-    args:
-    config.boot.kernelPackages.callPackage ./fake-driver.nix ({ inherit layout; } // args);
+    args: config.boot.kernelPackages.callPackage ./fake-driver.nix ({ inherit layout; } // args);
   drivers = {
     old = fakeDriver { version = versions.old; };
     new = fakeDriver { version = versions.new; };

@@ -18,18 +18,16 @@ let
   # A driver shaped like nixpkgs' nvidia_x11 of 2026 (tests/nixos/fake-driver.nix says where each
   # attribute comes from); nothing here is built, only compared.
   output = name: runCommand "fake-nvidia-${name}-${version}" { } "mkdir -p $out";
-  driver =
-    output "x11"
-    // {
-      inherit version;
-      bin = output "x11-bin";
-      firmware = output "x11-firmware";
-      mod = output "kernel-modules";
-      open = output "open";
-      persistenced = output "persistenced" // {
-        meta.mainProgram = "nvidia-persistenced";
-      };
+  driver = output "x11" // {
+    inherit version;
+    bin = output "x11-bin";
+    firmware = output "x11-firmware";
+    mod = output "kernel-modules";
+    open = output "open";
+    persistenced = output "persistenced" // {
+      meta.mainProgram = "nvidia-persistenced";
     };
+  };
 
   evaluate =
     extraModule:
@@ -113,9 +111,9 @@ let
         ) "rollback_dirs: ${toString json.rollback_dirs}"
         ++ lib.optional (!lib.hasSuffix " check" (lib.head unit.ExecCondition)) "ExecCondition"
         ++ lib.optional (!lib.hasSuffix " swap" (lib.head unit.ExecStartPre)) "ExecStartPre"
-        ++ lib.optional (!lib.all (a: a.assertion) ours) "assertions: ${
-          toString (map (a: a.message) (lib.filter (a: !a.assertion) ours))
-        }";
+        ++
+          lib.optional (!lib.all (a: a.assertion) ours)
+            "assertions: ${toString (map (a: a.message) (lib.filter (a: !a.assertion) ours))}";
     in
     lib.optional (problems != [ ]) "${name}: ${lib.concatStringsSep "; " problems}";
 

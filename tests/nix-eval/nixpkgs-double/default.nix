@@ -75,13 +75,14 @@ let
     let
       callPackage = lib.callPackageWith final;
       kernel =
-        multi {
-          pname = "linux";
-          version = "6.18.1";
-          modDirVersion = "6.18.1";
-          moduleBuildDependencies = [ ];
-          makeFlags = [ "O=$(buildRoot)" ];
-        }
+        multi
+          {
+            pname = "linux";
+            version = "6.18.1";
+            modDirVersion = "6.18.1";
+            moduleBuildDependencies = [ ];
+            makeFlags = [ "O=$(buildRoot)" ];
+          }
           [
             "modules"
             "dev"
@@ -93,28 +94,32 @@ let
         callPackage = lib.callPackageWith (final // kernelPackages);
         # pkgs/os-specific/linux/nvidia-x11/default.nix: the drivers hardware.nvidia.package
         # defaults to (stable; dc with datacenter.enable), shaped like the 2026 nvidia_x11.
-        nvidiaPackages = lib.genAttrs [
-          "stable"
-          "dc"
-        ] (
-          flavour:
-          multi {
-            pname = "nvidia-${if flavour == "dc" then "dc" else "x11"}";
-            version = "580.95.05";
-            passthru = {
-              mod = drv { name = "nvidia-kernel-modules-6.18.1-580.95.05"; };
-              open = drv { name = "nvidia-open-6.18.1-580.95.05"; };
-              persistenced = drv {
-                name = "nvidia-persistenced-580.95.05";
-                meta.mainProgram = "nvidia-persistenced";
-              };
-            };
-          }
+        nvidiaPackages =
+          lib.genAttrs
             [
-              "bin"
-              "firmware"
+              "stable"
+              "dc"
             ]
-        );
+            (
+              flavour:
+              multi
+                {
+                  pname = "nvidia-${if flavour == "dc" then "dc" else "x11"}";
+                  version = "580.95.05";
+                  passthru = {
+                    mod = drv { name = "nvidia-kernel-modules-6.18.1-580.95.05"; };
+                    open = drv { name = "nvidia-open-6.18.1-580.95.05"; };
+                    persistenced = drv {
+                      name = "nvidia-persistenced-580.95.05";
+                      meta.mainProgram = "nvidia-persistenced";
+                    };
+                  };
+                }
+                [
+                  "bin"
+                  "firmware"
+                ]
+            );
         kernelModuleMakeFlags = [
           "CC=cc"
           "KBUILD_OUTPUT=${kernel.dev}/lib/modules/${kernel.modDirVersion}/build"
@@ -137,7 +142,9 @@ let
           in
           if a ? outputs then multi a (lib.subtractLists [ "out" ] a.outputs) else drv a;
       };
-      runCommand = name: _env: _script: drv { inherit name; };
+      runCommand =
+        name: _env: _script:
+        drv { inherit name; };
       runCommandCC = final.runCommand;
       writeText = name: text: drv { inherit name text; };
       runtimeShell = "/nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-bash-5.3/bin/bash";
@@ -160,7 +167,9 @@ let
       mkShell =
         attrs:
         drv (
-          { name = "nix-shell"; }
+          {
+            name = "nix-shell";
+          }
           // removeAttrs attrs [
             "inputsFrom"
             "packages"
