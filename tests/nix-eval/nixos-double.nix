@@ -74,7 +74,11 @@
     }:
     let
       cfg = config.hardware.nvidia;
-      nvidiaEnabled = cfg.enable || cfg.datacenter.enable;
+      # The 2024 file enables the driver by services.xserver.videoDrivers = [ "nvidia" ] (or
+      # datacenter.enable); the 2025-2026 option block (seen only in a fork derived from it, not in
+      # a nixpkgs copy) adds hardware.nvidia.enable. Both enable it here.
+      nvidiaEnabled =
+        cfg.enable || cfg.datacenter.enable || lib.elem "nvidia" config.services.xserver.videoDrivers;
       nvidiaPkg = if nvidiaEnabled then cfg.package else null;
       useOpenModules = cfg.open == true;
       persistenced = lib.mkIf cfg.nvidiaPersistenced {
@@ -128,7 +132,7 @@
             boot.kernelModules = lib.optionals useOpenModules [ "nvidia_uvm" ];
             systemd.services.nvidia-persistenced = persistenced;
           }
-          (lib.mkIf cfg.enable {
+          (lib.mkIf (!cfg.datacenter.enable) {
             boot.kernelModules = [
               "nvidia"
               "nvidia_modeset"
@@ -202,6 +206,10 @@
         systemd.services = lib.mkOption {
           type = lib.types.attrsOf service;
           default = { };
+        };
+        services.xserver.videoDrivers = lib.mkOption {
+          type = lib.types.listOf lib.types.str;
+          default = [ ];
         };
         services.udev.extraRules = lib.mkOption {
           type = lib.types.lines;

@@ -46,16 +46,21 @@ let
       ];
     }).config;
 
-  # hardware.nvidia as a user enables the standard driver.
+  # The standard driver, enabled as a user does: videoDrivers = [ "nvidia" ] is how nvidia.nix has
+  # long been enabled; hardware.nvidia.enable is set too where this nixpkgs declares it.
   standard =
     open:
-    evaluate {
-      hardware.nvidia = {
-        enable = true;
-        package = driver;
-        inherit open;
-      };
-    };
+    evaluate (
+      { options, ... }:
+      {
+        services.xserver.videoDrivers = [ "nvidia" ];
+        hardware.nvidia = {
+          package = driver;
+          inherit open;
+        }
+        // lib.optionalAttrs (options.hardware.nvidia ? enable) { enable = true; };
+      }
+    );
 
   systems = {
     proprietary = {
