@@ -318,3 +318,28 @@ def test_kernel_dependency_in_the_tree_is_loaded_by_name_not_from_the_tree(syste
     assert plan.action == "load", plan.reason
     assert [s.name for s in plan.load] == ["nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm"]
     assert plan.prerequisites == ("drm", "drm_kms_helper")
+
+
+def test_softdep_post_modules_are_loaded_as_modprobe_would(system, store, trees):
+    """nixpkgs' nvidia.nix loads nvidia_uvm through `softdep nvidia post: nvidia_uvm` (modprobe.d),
+    not boot.kernelModules; finit_module ignores softdeps, so the plan must add it itself."""
+    (system.base / "etc/modprobe.d/nvidia-uvm.conf").write_text("softdep nvidia post: nvidia_uvm\n")
+    plan = plan_for(system, store, trees[1], modules=["nvidia", "nvidia_modeset"])
+    assert plan.action == "load", plan.reason
+    assert [s.name for s in plan.load] == ["nvidia", "nvidia_modeset", "nvidia_uvm"]
+
+
+def test_softdep_the_new_driver_lacks_is_skipped_not_refused(system, store):
+    """Soft dependencies are optional (modprobe.d(5)): a tree without nvidia_uvm still loads."""
+    tree = write_driver(store, NEW, modules=("nvidia", "nvidia_modeset"))
+    (system.base / "etc/modprobe.d/nvidia.conf").write_text("softdep nvidia pre: ecdh_generic post: nvidia-uvm\n")
+    plan = plan_for(system, store, tree, modules=["nvidia", "nvidia_modeset"])
+    assert plan.action == "load", plan.reason
+    assert [s.name for s in plan.load] == ["nvidia", "nvidia_modeset"]
+
+
+def test_softdep_parsing():
+    from nvidia_kmod_swap.params import parse_softdeps
+
+    text = "# comment\nsoftdep nvidia post: nvidia_uvm\nsoftdep nvidia-drm pre: \\\n  drm post: x # trailing\nblacklist nouveau\n"
+    assert parse_softdeps(text) == [("nvidia", ["nvidia_uvm"]), ("nvidia_drm", ["drm", "x"])]

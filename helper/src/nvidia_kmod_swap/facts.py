@@ -88,7 +88,11 @@ def make_plan(root: Root, config: Config, snapshot: Snapshot | None = None, retr
         return early
     family = snapshot.family()
     trees = ModuleFiles(config.module_dirs)  # each directory indexed once for both inventories
-    new = new_inventory(trees, list(dict.fromkeys(family + list(config.modules))), config.driver_version)
+    wanted = list(dict.fromkeys(family + list(config.modules)))
+    # modprobe would load these with the wanted ones (softdep); finit_module does not.
+    softdeps = params_mod.softdeps(root)
+    soft = list(dict.fromkeys(d for n in wanted for d in softdeps.get(n, []) if d not in wanted))
+    new = new_inventory(trees, wanted + soft, config.driver_version)
     # Files of what is loaded now: our last swap's record, the booted system's tree, and the new
     # tree too (a module already at the new version, after an interrupted swap, is rolled back to itself).
     old = (inventory(trees.over(list(config.rollback_dirs) + list(config.module_dirs)), family,
@@ -96,7 +100,7 @@ def make_plan(root: Root, config: Config, snapshot: Snapshot | None = None, retr
     names = set(family) | set(config.modules) | set(new)
     params = params_mod.collect(root, names)
     gpu_holders = holders_mod.find_holders(root) if family else []
-    plan = plan_change(snapshot, config, new, old, params, gpu_holders)
+    plan = plan_change(snapshot, config, new, old, params, gpu_holders, soft=tuple(soft))
     if retry:
         return plan
     return refuse_repeat(plan, failed_record(root, config), str(root(config.state_dir) / FAILED_RECORD))

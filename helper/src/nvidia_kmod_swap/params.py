@@ -62,6 +62,18 @@ def parse_modprobe_conf(text: str) -> list[tuple[str, str]]:
     return options
 
 
+def parse_softdeps(text: str) -> list[tuple[str, list[str]]]:
+    """(module, its pre: and post: modules) for each `softdep` line (modprobe.d(5): `softdep
+    modulename pre: modules... post: modules...`, optional modules modprobe loads around it).
+    nixpkgs' nvidia.nix has `softdep nvidia post: nvidia_uvm` instead of loading nvidia_uvm at boot."""
+    softdeps = []
+    for line in text.replace("\\\n", " ").splitlines():
+        words = line.split("#", 1)[0].split()
+        if len(words) >= 2 and words[0] == "softdep":
+            softdeps.append((_norm(words[1]), [_norm(w) for w in words[2:] if w not in ("pre:", "post:")]))
+    return softdeps
+
+
 def parse_cmdline(cmdline: str) -> list[tuple[str, str]]:
     """(module, "param=value") for each `module.param[=value]` word of a kernel command line."""
     options = []
@@ -78,6 +90,19 @@ def parse_cmdline(cmdline: str) -> list[tuple[str, str]]:
             value = f'"{value}"'
         options.append((_norm(module), f"{param}{eq}{value}"))
     return options
+
+
+def softdeps(root: Root) -> dict[str, list[str]]:
+    """module -> the modules modprobe.d says modprobe loads with it (softdep pre: and post:)."""
+    found: dict[str, list[str]] = {}
+    for path in _config_files(root):
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        for module, deps in parse_softdeps(text):
+            found.setdefault(module, []).extend(deps)
+    return found
 
 
 def collect(root: Root, modules: list[str] | set[str]) -> dict[str, str]:

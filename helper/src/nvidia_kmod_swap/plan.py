@@ -190,7 +190,7 @@ def _kernel_users(snapshot: Snapshot, family: list[str]) -> list[str]:
 
 
 def plan_change(snapshot: Snapshot, config: Config, new: Inventory, old: Inventory,
-                params: dict[str, str], holders: list[Holder]) -> Plan:
+                params: dict[str, str], holders: list[Holder], soft: tuple[str, ...] = ()) -> Plan:
     """Plan a load (nothing loaded) or a swap (another version loaded); refuse or defer otherwise."""
     base = _base(snapshot, config)
     running = snapshot.kernel_release
@@ -198,7 +198,10 @@ def plan_change(snapshot: Snapshot, config: Config, new: Inventory, old: Invento
     action = SWAP if family else LOAD
 
     # What must be loaded afterwards: what is loaded now, the configured set, and their dependencies.
-    wanted = list(dict.fromkeys(family + list(config.modules)))
+    # Soft dependencies (modprobe.d softdep, e.g. nvidia -> nvidia_uvm) are optional, as for
+    # modprobe: loaded when the new driver ships them, skipped otherwise.
+    wanted = list(dict.fromkeys(family + list(config.modules)
+                                + [d for d in soft if _ships(d, new, snapshot, config)]))
     infos: dict[str, ModInfo] = {}
     problems: list[str] = []
     todo = list(wanted)
