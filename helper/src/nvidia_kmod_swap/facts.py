@@ -90,7 +90,8 @@ def make_plan(root: Root, config: Config, snapshot: Snapshot | None = None, retr
     trees = ModuleFiles(config.module_dirs)  # each directory indexed once for both inventories
     wanted = list(dict.fromkeys(family + list(config.modules)))
     # modprobe would load these with the wanted ones (softdep); finit_module does not.
-    softdeps = params_mod.softdeps(root)
+    modprobe_d = params_mod.config_texts(root)  # read once: softdeps here, options below
+    softdeps = params_mod.softdeps(modprobe_d)
     soft = list(dict.fromkeys(d for n in wanted for d in softdeps.get(n, []) if d not in wanted))
     new = new_inventory(trees, wanted + soft, config.driver_version)
     # Files of what is loaded now: our last swap's record, the booted system's tree, and the new
@@ -98,7 +99,7 @@ def make_plan(root: Root, config: Config, snapshot: Snapshot | None = None, retr
     old = (inventory(trees.over(list(config.rollback_dirs) + list(config.module_dirs)), family,
                      recorded_paths(root, config)) if family else {})
     names = set(family) | set(config.modules) | set(new)
-    params = params_mod.collect(root, names)
+    params = params_mod.collect(root, names, modprobe_d)
     gpu_holders = holders_mod.find_holders(root) if family else []
     plan = plan_change(snapshot, config, new, old, params, gpu_holders, soft=tuple(soft))
     if retry:

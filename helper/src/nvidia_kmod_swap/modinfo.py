@@ -184,9 +184,9 @@ class ModuleFiles:
     """Kernel name -> module files below some directories, in the order of the directories, looked
     up by name. Per directory: its modules.dep when it has one and the files it names exist; a name
     the index lacks (a file added without depmod), a stale index or a directory without one is
-    walked, once. Nothing is parsed here. One instance serves several lists of directories."""
+    walked, once. Nothing is parsed here. over() shares the caches with other directories."""
 
-    def __init__(self, dirs: list[str] | tuple[str, ...] = ()) -> None:
+    def __init__(self, dirs: list[str] | tuple[str, ...]) -> None:
         self.dirs = list(dirs)
         self._indexes: dict[str, DepmodIndex | None] = {}
         self._walks: dict[str, dict[str, list[Path]]] = {}
@@ -196,9 +196,9 @@ class ModuleFiles:
             self._walks[top] = _walk(top)
         return self._walks[top]
 
-    def get(self, name: str, dirs: list[str] | tuple[str, ...] | None = None) -> list[Path]:
+    def get(self, name: str) -> list[Path]:
         found: list[Path] = []
-        for top in self.dirs if dirs is None else dirs:
+        for top in self.dirs:
             if top not in self._indexes:
                 self._indexes[top] = DepmodIndex.read(top)
             index = self._indexes[top]

@@ -92,28 +92,32 @@ def parse_cmdline(cmdline: str) -> list[tuple[str, str]]:
     return options
 
 
-def softdeps(root: Root) -> dict[str, list[str]]:
-    """module -> the modules modprobe.d says modprobe loads with it (softdep pre: and post:)."""
-    found: dict[str, list[str]] = {}
+def config_texts(root: Root) -> list[str]:
+    """The text of each modprobe.d file modprobe would read, in its order (unreadable ones skipped)."""
+    texts = []
     for path in _config_files(root):
         try:
-            text = path.read_text()
+            texts.append(path.read_text())
         except OSError:
             continue
+    return texts
+
+
+def softdeps(texts: list[str]) -> dict[str, list[str]]:
+    """module -> the modules modprobe.d says modprobe loads with it (softdep pre: and post:)."""
+    found: dict[str, list[str]] = {}
+    for text in texts:
         for module, deps in parse_softdeps(text):
             found.setdefault(module, []).extend(deps)
     return found
 
 
-def collect(root: Root, modules: list[str] | set[str]) -> dict[str, str]:
-    """module -> parameter string for insmod, for each of MODULES that has any."""
+def collect(root: Root, modules: list[str] | set[str], texts: list[str] | None = None) -> dict[str, str]:
+    """module -> parameter string for insmod, for each of MODULES that has any. TEXTS: the
+    modprobe.d files, when the caller has read them already (config_texts)."""
     wanted = {_norm(m) for m in modules}
     pieces: dict[str, list[str]] = {}
-    for path in _config_files(root):
-        try:
-            text = path.read_text()
-        except OSError:
-            continue
+    for text in config_texts(root) if texts is None else texts:
         for module, opts in parse_modprobe_conf(text):
             if module in wanted:
                 pieces.setdefault(module, []).append(opts)
