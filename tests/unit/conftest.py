@@ -37,8 +37,6 @@ def system(tmp_path, monkeypatch) -> FakeSystem:
         return None
 
     monkeypatch.setattr(devices, "node_problem", node_problem)
-    # Replaying a module's add event makes udev's rules mknod its nodes again.
-    monkeypatch.setattr(devices, "replay_add", lambda root, module: fake.udev_add(module))
     return fake
 
 

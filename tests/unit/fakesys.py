@@ -1,8 +1,8 @@
 """The unit tests' fakes: a fake system tree (/proc, /sys, /dev, /etc, /run) and real ELF module files.
 
 `FakeSystem` keeps the kernel's module table and writes it out as /proc/modules and /sys/module/*,
-exactly in the formats the kernel uses, so the helper reads it with its real code. `FakeKernel`
-is the `kmod.Kernel` the swap tests inject: it refuses what the kernel refuses (a module already
+exactly in the formats the kernel uses, so the helper reads it with its real code. `FakeEffects`
+is the `effects.Effects` the swap tests inject: it refuses what the kernel refuses (a module already
 loaded, one in use, a vermagic for another kernel, unknown symbols) and can fail or "crash" on
 any step.
 """
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nvidia_kmod_swap import devices  # noqa: E402
-from nvidia_kmod_swap.kmod import KmodError  # noqa: E402
+from nvidia_kmod_swap.effects import KmodError  # noqa: E402
 from nvidia_kmod_swap.modinfo import read_modinfo  # noqa: E402
 from nvidia_kmod_swap.paths import Root  # noqa: E402
 
@@ -103,6 +103,7 @@ class FakeSystem:
     nodes: dict[str, tuple[int, int]] = field(default_factory=dict)  # what udev has made in /dev
     uvm_major: int = 510
     gpus: int = 1
+    modules_disabled: bool = False
 
     def __post_init__(self) -> None:
         (self.base / "proc/sys/kernel").mkdir(parents=True, exist_ok=True)
@@ -170,6 +171,7 @@ class FakeSystem:
             (d / "refcnt").write_text(f"{refcnt}\n")
             (d / "initstate").write_text("live\n")
         (self.base / "proc/modules").write_text("".join(line + "\n" for line in lines))
+        (self.base / "proc/sys/kernel/modules_disabled").write_text("1\n" if self.modules_disabled else "0\n")
         devices_text = "Character devices:\n  1 mem\n  4 tty\n"
         if "nvidia" in self.modules:
             devices_text += "195 nvidia-frontend\n"
@@ -209,23 +211,41 @@ class Crash(BaseException):
 
 
 @dataclass
-class FakeKernel:
+class FakeEffects:
+    """The helper's effects.Effects over a FakeSystem, refusing what the kernel refuses
+    (kernel/module/main.c): EEXIST for a loaded name, EAGAIN (O_NONBLOCK delete_module) while a
+    module has holders or other references, ENOEXEC for another kernel's vermagic, ENOENT for
+    missing symbols (a dependency not loaded), EPERM everywhere once modules_disabled is 1.
+
+    FAIL_ON (op, name) fails once (a flaky step); ALWAYS_FAIL (op, name or path) -> errno fails
+    every time, as the kernel does for a bad file or a module someone keeps open.
+    """
+
     system: FakeSystem
-    fail_on: set[tuple[str, str]] = field(default_factory=set)   # ("load"|"unload", name)
+    fail_on: set[tuple[str, str]] = field(default_factory=set)
+    always_fail: dict[tuple[str, str], int] = field(default_factory=dict)
     crash_at_call: int | None = None
     calls: list[tuple[str, str]] = field(default_factory=list)
+    systemctl_calls: list[list[str]] = field(default_factory=list)
+    on_systemctl: object = None          # called with the args, e.g. to let a holder go
+    command_output: tuple[int, str] | None = None  # the verify command's (status, output)
 
-    def _enter(self, op: str, name: str) -> None:
+    def _enter(self, op: str, name: str, path: str = "") -> None:
         self.calls.append((op, name))
         if self.crash_at_call is not None and len(self.calls) - 1 == self.crash_at_call:
             raise Crash(f"crash at {op} {name}")
+        if self.system.modules_disabled:
+            raise KmodError(op, name, errno.EPERM)
+        for key in ((op, name), (op, path)):
+            if key in self.always_fail:
+                raise KmodError(op, name, self.always_fail[key])
         if (op, name) in self.fail_on:
-            self.fail_on.discard((op, name))  # the new file fails; the old one, in rollback, loads
+            self.fail_on.discard((op, name))
             raise KmodError(op, name, errno.ENODEV)
 
     def load(self, path: str, params: str) -> None:
         info = read_modinfo(Path(path))
-        self._enter("load", info.name)
+        self._enter("load", info.name, path)
         if info.name in self.system.modules:
             raise KmodError("load", path, errno.EEXIST)
         if info.kernel_release != self.system.release:
@@ -247,6 +267,35 @@ class FakeKernel:
     def load_by_name(self, name: str) -> None:
         self._enter("modprobe", name)
         self.system.add(name, None, ())
+
+    def remove_node(self, path: str) -> None:
+        self.system.nodes.pop(path, None)
+
+    def replay_add(self, module: str) -> None:
+        self.system.udev_add(module)  # udev's rules mknod the module's nodes again
+
+    def systemctl(self, args: list[str]) -> None:
+        self.systemctl_calls.append(list(args))
+        if callable(self.on_systemctl):
+            self.on_systemctl(args)
+
+    def run_command(self, argv: list[str], timeout: float) -> tuple[int, str]:
+        if self.command_output is not None:
+            return self.command_output
+        import subprocess
+
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        return proc.returncode, proc.stdout + proc.stderr
+
+    def set_gc_roots(self, directory: str, targets: dict[str, str]) -> None:
+        import os
+
+        top = self.system.root(directory)
+        top.mkdir(parents=True, exist_ok=True)
+        for entry in top.iterdir():
+            entry.unlink()
+        for name, target in targets.items():
+            os.symlink(target, top / name)
 
 
 def make_config(store: Path, module_dirs: list[Path], rollback_dirs: list[Path] = (), **overrides) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from fakesys import NEW, OLD, FakeKernel, make_config, write_config, write_driver
+from fakesys import NEW, OLD, FakeEffects, make_config, write_config, write_driver
 
 from nvidia_kmod_swap.cli import main
 
@@ -29,7 +29,7 @@ def test_plan_json(bed, capsys):
     assert data["action"] == "swap"
     assert data["unload"] == ["nvidia_drm", "nvidia_uvm", "nvidia_modeset", "nvidia"]
     assert [s["name"] for s in data["load"]] == ["nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm"]
-    assert all(set(s) == {"name", "path", "params"} for s in data["load"])
+    assert all(set(s) == {"name", "path", "params", "version", "srcversion"} for s in data["load"])
 
 
 def test_status_json(bed, capsys):
@@ -85,7 +85,7 @@ def test_swap_needs_a_kernel_outside_the_live_root(bed):
 
 def test_swap_through_the_cli(bed):
     system, config = bed
-    assert run(system, config, "swap", kernel=FakeKernel(system)) == 0
+    assert run(system, config, "swap", effects=FakeEffects(system)) == 0
     assert set(system.versions().values()) == {NEW}
     assert run(system, config, "check") == 0
 

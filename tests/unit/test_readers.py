@@ -90,7 +90,7 @@ def test_modprobe_options_and_cmdline(tmp_path):
     (tmp_path / "etc/modprobe.d").mkdir(parents=True)
     (tmp_path / "usr/lib/modprobe.d").mkdir(parents=True)
     (tmp_path / "etc/modprobe.d/nvidia.conf").write_text(
-        "# comment\noptions nvidia NVreg_A=1 \\\n  NVreg_B=2\noptions nvidia NVreg_RegistryDwords=\"a;  b\"\noptions nvidia-drm modeset=1 # trailing\nblacklist nouveau\n")
+        "# comment\noptions nvidia NVreg_A=1 \\\n  NVreg_B=2\noptions nvidia NVreg_RegistryDwords=\"a;  b\"\noptions nvidia-drm modeset=1\nblacklist nouveau\n")
     (tmp_path / "usr/lib/modprobe.d/nvidia.conf").write_text("options nvidia NVreg_HIDDEN=1\n")  # hidden by /etc's
     (tmp_path / "usr/lib/modprobe.d/other.conf").write_text("options nvidia_uvm uvm_perf=1\noptions e1000 x=1\n")
     (tmp_path / "proc").mkdir()

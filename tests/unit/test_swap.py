@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from fakesys import NEW, OLD, Crash, FakeKernel, make_config, write_driver
+from fakesys import NEW, OLD, Crash, FakeEffects, make_config, write_driver
 
 from nvidia_kmod_swap.config import parse
 from nvidia_kmod_swap.journal import Reporter
@@ -28,8 +28,8 @@ def setup(system, store):
     return system, config
 
 
-def swapper(system, config, kernel=None, **kw):
-    return Swapper(system.root, config, kernel or FakeKernel(system), Reporter("stderr"), **kw)
+def swapper(system, config, effects=None, **kw):
+    return Swapper(system.root, config, effects or FakeEffects(system), Reporter("stderr"), **kw)
 
 
 def state_file(system, config):
@@ -49,7 +49,7 @@ def test_swap_replaces_every_module(setup):
 def test_second_run_is_a_noop(setup):
     system, config = setup
     swapper(system, config).run()
-    kernel = FakeKernel(system)
+    kernel = FakeEffects(system)
     assert swapper(system, config, kernel).run() == EXIT_OK
     assert kernel.calls == []
 
@@ -58,7 +58,7 @@ def test_second_run_is_a_noop(setup):
                                   ("load", "nvidia_drm"), ("unload", "nvidia_uvm"), ("unload", "nvidia")])
 def test_failure_at_any_step_rolls_back_to_the_old_driver(setup, step, capsys):
     system, config = setup
-    kernel = FakeKernel(system, fail_on={step})
+    kernel = FakeEffects(system, fail_on={step})
     assert swapper(system, config, kernel).run() == EXIT_ROLLED_BACK
     assert system.versions() == BEFORE
     assert not state_file(system, config).exists()
@@ -69,7 +69,7 @@ def test_failure_at_any_step_rolls_back_to_the_old_driver(setup, step, capsys):
 def test_parameters_survive_swap_and_rollback(setup):
     system, config = setup
     (system.base / "etc/modprobe.d/nv.conf").write_text("options nvidia-drm modeset=1\n")
-    kernel = FakeKernel(system, fail_on={("load", "nvidia_drm")})
+    kernel = FakeEffects(system, fail_on={("load", "nvidia_drm")})
     swapper(system, config, kernel).run()
     assert system.modules["nvidia_drm"].params == "modeset=1"  # the rolled-back old one
     swapper(system, config, retry=True).run()
@@ -97,12 +97,12 @@ def test_stale_uvm_node_is_replaced_by_udev(setup):
 
 def test_rollback_failure_keeps_state_and_says_so(setup, capsys):
     system, config = setup
-    kernel = FakeKernel(system, fail_on={("load", "nvidia_uvm")})
+    kernel = FakeEffects(system, fail_on={("load", "nvidia_uvm")})
     original_load = kernel.load
 
     def load(path, params):
         if OLD in path and "nvidia-modeset" in path:
-            raise __import__("nvidia_kmod_swap.kmod", fromlist=["KmodError"]).KmodError("load", path, 5)
+            raise __import__("nvidia_kmod_swap.effects", fromlist=["KmodError"]).KmodError("load", path, 5)
         original_load(path, params)
 
     kernel.load = load
@@ -117,7 +117,7 @@ def test_rollback_failure_keeps_state_and_says_so(setup, capsys):
 
 
 def _kernel_calls_in_a_swap(system, config):
-    probe = FakeKernel(system)
+    probe = FakeEffects(system)
     snapshot = dict(system.modules)
     swapper(system, config, probe).run()
     system.modules = snapshot
@@ -134,7 +134,7 @@ def test_crash_at_every_step_recovers_to_a_consistent_driver(setup):
         system.load_driver(OLD)
         state_file(system, config).unlink(missing_ok=True)
         with pytest.raises(Crash):
-            swapper(system, config, FakeKernel(system, crash_at_call=crash_at)).run()
+            swapper(system, config, FakeEffects(system, crash_at_call=crash_at)).run()
         assert state_file(system, config).exists(), crash_at
         # The next start recovers (rolls back), then swaps: all new, never a mix.
         assert swapper(system, config).run() == EXIT_OK, crash_at
@@ -147,14 +147,14 @@ def test_crash_after_loading_everything_keeps_the_new_driver(setup):
     s = swapper(system, config, kill_at_step=None)
     # Crash during verification: state says "verifying", every new module is loaded.
     original = Swapper._verify
-    Swapper._verify = lambda self, plan: (_ for _ in ()).throw(Crash())
+    Swapper._verify = lambda self, *args: (_ for _ in ()).throw(Crash())
     try:
         with pytest.raises(Crash):
             s.run()
     finally:
         Swapper._verify = original
     assert json.loads(state_file(system, config).read_text())["phase"] == "verifying"
-    kernel = FakeKernel(system)
+    kernel = FakeEffects(system)
     assert swapper(system, config, kernel).run() == EXIT_OK
     assert kernel.calls == []  # kept, not reloaded
     assert system.versions() == FULL
@@ -163,7 +163,7 @@ def test_crash_after_loading_everything_keeps_the_new_driver(setup):
 def test_busy_defers_without_touching(setup):
     system, config = setup
     system.hold_device(77, "python3", "train.service")
-    kernel = FakeKernel(system)
+    kernel = FakeEffects(system)
     assert swapper(system, config, kernel).run() == EXIT_DEFERRED
     assert kernel.calls == [] and system.versions() == BEFORE
 
@@ -182,26 +182,26 @@ def test_stop_units_stops_swaps_and_starts_again(busy_stop_units):
     calls = []
 
     def systemctl(args):
-        calls.append(args)
         if args[0] == "stop":
             system.release_device(77)
 
-    assert swapper(system, config, run_systemctl=systemctl).run() == EXIT_OK
-    assert calls == [["stop", "train.service"], ["start", "--no-block", "train.service"]]
+    effects = FakeEffects(system, on_systemctl=systemctl)
+    assert swapper(system, config, effects).run() == EXIT_OK
+    assert effects.systemctl_calls == [["stop", "train.service"], ["start", "--no-block", "train.service"]]
     assert system.versions() == FULL
 
 
 def test_stop_units_that_do_not_free_the_gpu_defer_and_restart_them(busy_stop_units):
     system, config = busy_stop_units
-    calls = []
-    assert swapper(system, config, run_systemctl=calls.append).run() == EXIT_DEFERRED
-    assert calls[-1] == ["start", "--no-block", "train.service"] and system.versions() == BEFORE
+    effects = FakeEffects(system)
+    assert swapper(system, config, effects).run() == EXIT_DEFERRED
+    assert effects.systemctl_calls[-1] == ["start", "--no-block", "train.service"] and system.versions() == BEFORE
 
 
 def test_refused_plan_changes_nothing(system, store):
     system.load_driver(OLD)
     config = parse(make_config(store, [write_driver(store, NEW)], []))  # no rollback files
-    kernel = FakeKernel(system)
+    kernel = FakeEffects(system)
     assert swapper(system, config, kernel).run() == EXIT_REFUSED
     assert kernel.calls == []
 
@@ -209,7 +209,7 @@ def test_refused_plan_changes_nothing(system, store):
 def test_a_second_run_waits_for_the_lock_then_finds_nothing_to_do(setup):
     system, config = setup
     first = swapper(system, config)
-    first._ensure_state_dir()
+    first.state.ensure()
     fd = os.open(system.root(config.state_dir) / "lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)
     results = {}
@@ -223,7 +223,7 @@ def test_a_second_run_waits_for_the_lock_then_finds_nothing_to_do(setup):
     assert "code" not in results  # waiting
     assert first.run.__self__ is first
     # The holder of the lock swaps meanwhile (as another process would).
-    FakeKernel(system)  # noqa
+    FakeEffects(system)  # noqa
     fcntl.flock(fd, fcntl.LOCK_UN)
     os.close(fd)
     thread.join(10)
@@ -239,7 +239,7 @@ def test_load_when_nothing_is_loaded(system, store):
 
 def test_failed_load_from_nothing_leaves_nothing(system, store):
     config = parse(make_config(store, [write_driver(store, NEW)], []))
-    kernel = FakeKernel(system, fail_on={("load", "nvidia_drm")})
+    kernel = FakeEffects(system, fail_on={("load", "nvidia_drm")})
     assert swapper(system, config, kernel).run() == EXIT_ROLLED_BACK
     assert system.versions() == {}
 
@@ -254,8 +254,8 @@ def _raw(config):
 def test_a_failed_swap_is_not_retried_on_every_restart(setup, capsys):
     """Restart=always would otherwise swap and roll back in a loop."""
     system, config = setup
-    assert swapper(system, config, FakeKernel(system, fail_on={("load", "nvidia_uvm")})).run() == EXIT_ROLLED_BACK
-    kernel = FakeKernel(system)
+    assert swapper(system, config, FakeEffects(system, fail_on={("load", "nvidia_uvm")})).run() == EXIT_ROLLED_BACK
+    kernel = FakeEffects(system)
     assert swapper(system, config, kernel).run() == EXIT_REFUSED
     assert kernel.calls == []
     assert "already failed and was rolled back" in capsys.readouterr().err

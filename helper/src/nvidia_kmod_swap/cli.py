@@ -12,6 +12,7 @@ import sys
 from .quick import STATE_FILE, try_noop
 
 EXIT_CONFIG = 255
+EXIT_BROKEN = 255  # an unexpected error: never 1, which would make ExecCondition= skip the unit
 EPILOG = """\
 exit codes:
   check   0 start the unit (nothing to do, or a swap can run), 1 skip it (deferred: GPU busy
@@ -51,7 +52,7 @@ def _parser():
     return parser
 
 
-def main(argv: list[str] | None = None, kernel=None, run_systemctl=None) -> int:
+def main(argv: list[str] | None = None, effects=None) -> int:
     # Versions match (every start of nvidia-persistenced): answer before importing the rest.
     code = try_noop(sys.argv[1:] if argv is None else argv)
     if code is not None:
@@ -69,26 +70,41 @@ def main(argv: list[str] | None = None, kernel=None, run_systemctl=None) -> int:
     except config_mod.ConfigError as e:
         reporter.event("refused", str(e), "err", reason=str(e))
         return EXIT_CONFIG
-    if args.command == "check":
-        return _check(root, config, reporter)
-    if args.command == "swap":
-        return _swap(root, config, reporter, kernel, run_systemctl, args.retry)
-    if args.command == "plan":
-        return _plan(root, config, args.json)
-    return _status(root, config, args.json)
+    try:
+        if args.command == "check":
+            return _check(root, config, reporter)
+        if args.command == "swap":
+            return _swap(root, config, reporter, effects, args.retry)
+        if args.command == "plan":
+            return _plan(root, config, args.json)
+        return _status(root, config, args.json)
+    except Exception as e:  # a bug or a system we did not expect: say so, and never exit 1 (= skip)
+        import traceback
+
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        reason = f"{type(e).__name__}: {e} (at {where.filename.rsplit('/', 1)[-1]}:{where.lineno})"
+        reporter.event("refused", f"{args.command} failed unexpectedly: {reason}", "crit", reason=reason)
+        return EXIT_BROKEN
 
 
 def _pending(root, config) -> bool:
-    return root(config.state_dir).joinpath(STATE_FILE).exists()
+    import os
+
+    return os.path.lexists(root(config.state_dir) / STATE_FILE)
 
 
 def _check(root, config, reporter) -> int:
     from .facts import make_plan
     from .plan import DEFER, REFUSE
+    from .state import StateError
 
     if _pending(root, config):
         return 0  # an interrupted swap: `swap` recovers it first
-    plan = make_plan(root, config)
+    try:
+        plan = make_plan(root, config)
+    except StateError as e:
+        reporter.event("refused", f"refused: {e}", "err", reason=str(e))
+        return 255
     if plan.action == DEFER:
         reporter.event("deferred", f"deferred, not starting: {plan.reason}", "warning", reason=plan.reason,
                        holder_pids=[h.pid for h in plan.holders], holder_units=[h.unit for h in plan.holders if h.unit],
@@ -101,21 +117,22 @@ def _check(root, config, reporter) -> int:
     return 0
 
 
-def _swap(root, config, reporter, kernel, run_systemctl, retry: bool = False) -> int:
-    from .swap import SwapFailed, Swapper
+def _swap(root, config, reporter, effects, retry: bool = False) -> int:
+    from .state import StateError
+    from .swap import EXIT_REFUSED, SwapFailed, Swapper
 
-    if kernel is None:
+    if effects is None:
         if not root.is_live:
-            reporter.event("refused", f"swap with --root {root.base} changes no kernel; tests pass a fake one", "err")
-            return 1
-        from .kmod import SyscallKernel
+            reporter.event("refused", f"swap with --root {root.base} changes no kernel; tests pass fake effects", "err")
+            return EXIT_REFUSED
+        from .effects import SystemEffects
 
-        kernel = SyscallKernel()
+        effects = SystemEffects(root)
     try:
-        return Swapper(root, config, kernel, reporter, run_systemctl, retry=retry).run()
-    except SwapFailed as e:
+        return Swapper(root, config, effects, reporter, retry=retry).run()
+    except (SwapFailed, StateError) as e:
         reporter.event("refused", f"refused: {e}", "err", reason=str(e))
-        return 1
+        return EXIT_REFUSED
 
 
 def _plan(root, config, as_json: bool) -> int:

@@ -12,9 +12,12 @@ import os
 import stat
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .paths import Root
+
+if TYPE_CHECKING:
+    from .effects import Effects
 
 NV_MAJOR = 195
 
@@ -83,16 +86,9 @@ def udev_busy(root: Root) -> bool:
     return root("/run/udev/queue").exists()
 
 
-def replay_add(root: Root, module: str) -> None:
-    """Asks the kernel to send the module's "add" uevent again (what `udevadm trigger` does)."""
-    try:
-        root(f"/sys/module/{module}/uevent").write_text("add")
-    except OSError:
-        pass
-
-
-def wait_for_nodes(root: Root, loaded: set[str], timeout: float, poll: float = 0.02) -> list[str]:
-    """Waits until udev has settled and every expected node is right; returns what is still wrong."""
+def wait_for_nodes(root: Root, loaded: set[str], timeout: float, effects: Effects, poll: float = 0.02) -> list[str]:
+    """Waits until udev has settled and every expected node is right; returns what is still wrong.
+    A node with another device number is removed and its module's add event replayed (EFFECTS)."""
     deadline = time.monotonic() + timeout
     replayed: set[str] = set()
     # What the loaded driver registered does not change while we wait: read it once, not per poll
@@ -111,8 +107,8 @@ def wait_for_nodes(root: Root, loaded: set[str], timeout: float, poll: float = 0
                     continue
                 problems.append(problem)
                 if "registered" in problem and node.module not in replayed:
-                    Path(root(node.path)).unlink(missing_ok=True)
-                    replay_add(root, node.module)
+                    effects.remove_node(node.path)
+                    effects.replay_add(node.module)
                     replayed.add(node.module)
             if not problems:
                 return []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -11,21 +10,24 @@ from . import params as params_mod
 from .config import Config
 from .modinfo import ModuleFileError, ModuleFiles, module_name, read_modinfo
 from .paths import Root
-from .plan import Candidate, Inventory, Plan, plan_change, refuse_repeat, triage
+from .plan import (Candidate, Inventory, Plan, foreign_modules, plan_change, refuse_repeat, stale_modules,
+                   triage)
 from .snapshot import Snapshot, read_snapshot
-
-LOADED_RECORD = "loaded.json"
-FAILED_RECORD = "failed.json"
+from .state import FAILED_RECORD, StateDir
 
 
-def candidate(path: Path) -> Candidate:
+def candidate(path: Path, top: str = "") -> Candidate:
     resolved = Path(os.path.realpath(path))
     try:
-        return Candidate(path, resolved, info=read_modinfo(path))
+        return Candidate(path, resolved, info=read_modinfo(path), top=top)
     except ModuleFileError as e:
-        return Candidate(path, resolved, error=str(e).removeprefix(f"{path}: "))
+        return Candidate(path, resolved, error=str(e).removeprefix(f"{path}: "), top=top)
     except Exception as e:  # e.g. zstandard missing: a reason, not a crash
-        return Candidate(path, resolved, error=f"{type(e).__name__}: {e}")
+        return Candidate(path, resolved, error=f"{type(e).__name__}: {e}", top=top)
+
+
+def _candidates(files: ModuleFiles, name: str) -> list[Candidate]:
+    return [candidate(p, top) for top, p in files.get_with_dirs(name)]
 
 
 def inventory(files: ModuleFiles, names, extra_files: list[Path] = ()) -> Inventory:
@@ -35,14 +37,12 @@ def inventory(files: ModuleFiles, names, extra_files: list[Path] = ()) -> Invent
     found: Inventory = {}
     for path in extra_files:
         if module_name(path) in wanted:
-            c = candidate(path)
+            c = candidate(path, "loaded.json")
             if c.info is not None:
                 found.setdefault(c.info.name, []).append(c)
     for name in sorted(wanted):
-        paths = files.get(name)
-        if paths:
-            found.setdefault(name, []).extend(candidate(p) for p in paths)
-    return found
+        found.setdefault(name, []).extend(_candidates(files, name))
+    return {n: c for n, c in found.items() if c}
 
 
 def new_inventory(files: ModuleFiles, wanted, driver_version: str) -> Inventory:
@@ -54,40 +54,32 @@ def new_inventory(files: ModuleFiles, wanted, driver_version: str) -> Inventory:
     roots = set(wanted)
     while todo:
         name = todo.pop(0)
-        paths = [] if name in found else files.get(name)
-        if not paths:
+        if name in found:
             continue
-        found[name] = [candidate(p) for p in paths]
-        info = found[name][0].info
+        candidates = _candidates(files, name)
+        if not candidates:
+            continue
+        found[name] = candidates
+        info = candidates[0].info
         if info is not None and (name in roots or info.version == driver_version):
             todo.extend(info.depends)
     return found
 
 
-def recorded_paths(root: Root, config: Config) -> list[Path]:
-    """The files loaded by our last successful swap: the rollback source for the next one, since
-    the booted system's module tree holds an older driver by then."""
-    try:
-        record = json.loads(root(config.state_dir).joinpath(LOADED_RECORD).read_text())
-        return [Path(m["path"]) for m in record["modules"] if Path(m["path"]).exists()]
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
-
-
-def failed_record(root: Root, config: Config) -> dict | None:
-    try:
-        return json.loads(root(config.state_dir).joinpath(FAILED_RECORD).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def make_plan(root: Root, config: Config, snapshot: Snapshot | None = None, retry: bool = False) -> Plan:
     snapshot = snapshot or read_snapshot(root)
-    early = triage(snapshot, config)
+    trees = ModuleFiles(config.module_dirs)  # each directory indexed once for all lookups
+    # A module of nvidia's closure with a version of its own is either a stale driver module or a
+    # holder (nvidia_fs): the new tree tells which. Only those files are read on the no-op path.
+    # (Only when nvidia itself is current: otherwise the driver is swapped either way.)
+    stale = ([n for n in stale_modules(snapshot, config) if n != "nvidia"]
+             if snapshot.version("nvidia") == config.driver_version else [])
+    foreign = foreign_modules(snapshot, config, {n: _candidates(trees, n) for n in stale}) if stale else []
+    early = triage(snapshot, config, foreign)
     if early is not None:
         return early
+    state = StateDir(root(config.state_dir))
     family = snapshot.family()
-    trees = ModuleFiles(config.module_dirs)  # each directory indexed once for both inventories
     wanted = list(dict.fromkeys(family + list(config.modules)))
     # modprobe would load these with the wanted ones (softdep); finit_module does not.
     modprobe_d = params_mod.config_texts(root)  # read once: softdeps here, options below
@@ -96,12 +88,16 @@ def make_plan(root: Root, config: Config, snapshot: Snapshot | None = None, retr
     new = new_inventory(trees, wanted + soft, config.driver_version)
     # Files of what is loaded now: our last swap's record, the booted system's tree, and the new
     # tree too (a module already at the new version, after an interrupted swap, is rolled back to itself).
-    old = (inventory(trees.over(list(config.rollback_dirs) + list(config.module_dirs)), family,
-                     recorded_paths(root, config)) if family else {})
+    loaded_record = state.loaded()
+    recorded = [Path(m.path) for m in loaded_record.modules if Path(m.path).exists()] if loaded_record else []
+    old = (inventory(trees.over(list(config.rollback_dirs) + list(config.module_dirs)), family, recorded)
+           if family else {})
     names = set(family) | set(config.modules) | set(new)
     params = params_mod.collect(root, names, modprobe_d)
     gpu_holders = holders_mod.find_holders(root) if family else []
-    plan = plan_change(snapshot, config, new, old, params, gpu_holders, soft=tuple(soft))
+    missing = tuple(d for d in config.module_dirs if not os.path.isdir(d))
+    plan = plan_change(snapshot, config, new, old, params, gpu_holders, soft=tuple(soft), missing_dirs=missing)
     if retry:
         return plan
-    return refuse_repeat(plan, failed_record(root, config), str(root(config.state_dir) / FAILED_RECORD))
+    failed = state.failed()
+    return refuse_repeat(plan, failed.as_failure() if failed else None, str(root(config.state_dir) / FAILED_RECORD))

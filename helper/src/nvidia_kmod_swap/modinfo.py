@@ -83,8 +83,8 @@ def _modinfo_section(elf: bytes, path: Path) -> bytes:
                 if offset + size > len(elf):
                     raise ModuleFileError(f"{path}: .modinfo runs past the end of the file (truncated?)")
                 return elf[offset: offset + size]
-    except struct.error as e:
-        raise ModuleFileError(f"{path}: truncated or corrupt ELF ({e})") from e
+    except struct.error as e:  # struct's own words ("unpack_from requires a buffer...") help nobody
+        raise ModuleFileError(f"{path}: truncated or corrupt ELF header or section table") from e
     raise ModuleFileError(f"{path}: no .modinfo section: not a kernel module")
 
 
@@ -92,7 +92,7 @@ def parse_modinfo(section: bytes) -> dict[str, list[str]]:
     fields: dict[str, list[str]] = {}
     for entry in section.split(b"\0"):
         if b"=" in entry:
-            key, _, value = entry.decode(errors="replace").partition("=")
+            key, _, value = entry.decode(errors="surrogateescape").partition("=")
             fields.setdefault(key, []).append(value)
     return fields
 
@@ -105,7 +105,10 @@ def read_modinfo(path: Path) -> ModInfo:
     fields = parse_modinfo(_modinfo_section(elf, path))
     # A file cut short after its section headers still has a .modinfo; the kernel would reject it,
     # so check that the section header table itself is whole.
-    _check_complete(elf, path)
+    try:
+        _check_complete(elf, path)
+    except struct.error as e:
+        raise ModuleFileError(f"{path}: truncated or corrupt ELF section headers") from e
     vermagic = (fields.get("vermagic") or [""])[0]
     if not vermagic:
         raise ModuleFileError(f"{path}: no vermagic: not a loadable module")
@@ -124,7 +127,7 @@ def _check_complete(elf: bytes, path: Path) -> None:
     endian = "<" if elf[5] == 1 else ">"
     (shoff,) = struct.unpack_from(endian + "Q", elf, 0x28)
     shentsize, shnum = struct.unpack_from(endian + "HH", elf, 0x3A)
-    if shoff + shentsize * shnum > len(elf):
+    if shoff + shentsize * shnum > len(elf) or shentsize < 64:
         raise ModuleFileError(f"{path}: truncated: section headers end at {shoff + shentsize * shnum}, file has {len(elf)} bytes")
     for i in range(shnum):
         _n, stype, _f, _a, offset, size = struct.unpack_from(endian + "IIQQQQ", elf, shoff + i * shentsize)
@@ -197,7 +200,11 @@ class ModuleFiles:
         return self._walks[top]
 
     def get(self, name: str) -> list[Path]:
-        found: list[Path] = []
+        return [path for _, path in self.get_with_dirs(name)]
+
+    def get_with_dirs(self, name: str) -> list[tuple[str, Path]]:
+        """(module directory, file) for each file of NAME, in the order of the directories."""
+        found: list[tuple[str, Path]] = []
         for top in self.dirs:
             if top not in self._indexes:
                 self._indexes[top] = DepmodIndex.read(top)
@@ -206,7 +213,7 @@ class ModuleFiles:
             hits = [Path(top) / r for r in relative] if relative is not None else None
             if hits is not None and not all(p.exists() for p in hits):
                 self._indexes[top] = hits = None  # a stale index: walk this directory instead
-            found += hits if hits is not None else self._walked(top).get(name, [])
+            found += [(top, p) for p in (hits if hits is not None else self._walked(top).get(name, []))]
         return found
 
     def over(self, dirs: list[str] | tuple[str, ...]) -> ModuleFiles:

@@ -8,7 +8,6 @@ command line last (the kernel keeps the last value of a repeated parameter, as w
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 
 from .paths import Root
@@ -50,12 +49,17 @@ def _squeeze(text: str) -> str:
     return "".join(out)
 
 
+def _lines(text: str) -> list[str]:
+    """modprobe.d lines as kmod reads them (libkmod-config.c kmod_config_parse): a backslash at the
+    end of a line continues it; a line that starts with '#' is a comment. A '#' elsewhere is data:
+    `options nvidia NVreg_X=a#b` passes `NVreg_X=a#b`."""
+    return [line for line in text.replace("\\\n", " ").splitlines() if line and not line.startswith("#")]
+
+
 def parse_modprobe_conf(text: str) -> list[tuple[str, str]]:
-    """(module, "param=value ...") for each `options` line; continuation lines joined."""
+    """(module, "param=value ...") for each `options` line."""
     options = []
-    joined = text.replace("\\\n", " ")
-    for line in joined.splitlines():
-        line = line.split("#", 1)[0].strip()
+    for line in _lines(text):
         words = line.split(None, 2)
         if len(words) >= 3 and words[0] == "options":
             options.append((_norm(words[1]), _squeeze(words[2])))
@@ -67,28 +71,60 @@ def parse_softdeps(text: str) -> list[tuple[str, list[str]]]:
     modulename pre: modules... post: modules...`, optional modules modprobe loads around it).
     nixpkgs' nvidia.nix has `softdep nvidia post: nvidia_uvm` instead of loading nvidia_uvm at boot."""
     softdeps = []
-    for line in text.replace("\\\n", " ").splitlines():
-        words = line.split("#", 1)[0].split()
+    for line in _lines(text):
+        words = line.split()
         if len(words) >= 2 and words[0] == "softdep":
             softdeps.append((_norm(words[1]), [_norm(w) for w in words[2:] if w not in ("pre:", "post:")]))
     return softdeps
 
 
-def parse_cmdline(cmdline: str) -> list[tuple[str, str]]:
-    """(module, "param=value") for each `module.param[=value]` word of a kernel command line."""
-    options = []
-    try:
-        words = shlex.split(cmdline)
-    except ValueError:
-        words = cmdline.split()
-    for word in words:
-        key, eq, value = word.partition("=")
-        module, dot, param = key.partition(".")
-        if not dot or not module or not param or "/" in module:
+def kernel_args(cmdline: str) -> list[tuple[str, str | None]]:
+    """(param, value or None) per word, split as the kernel's next_arg (lib/cmdline.c) does:
+    white space separates words outside double quotes; `"` toggles quoting and has no escapes;
+    quotes around a value, or around the whole word, are dropped. A `'` is an ordinary character."""
+    out: list[tuple[str, str | None]] = []
+    args = cmdline.lstrip()
+    while args:
+        quoted = args[0] == '"'
+        if quoted:
+            args = args[1:]
+        in_quote = quoted
+        equals = None
+        i = 0
+        while i < len(args):
+            ch = args[i]
+            if ch.isspace() and not in_quote:
+                break
+            if equals is None and ch == "=":
+                equals = i
+            if ch == '"':
+                in_quote = not in_quote
+            i += 1
+        word, args = args[:i], args[i + 1:].lstrip()
+        if equals is None:
+            out.append((word[:-1] if quoted and word.endswith('"') else word, None))
             continue
-        if " " in value:
+        param, value = word[:equals], word[equals + 1:]
+        if value.startswith('"'):
+            value = value[1:-1] if len(value) > 1 and value.endswith('"') else value[1:]
+        elif quoted and value.endswith('"'):
+            value = value[:-1]
+        out.append((param, value))
+    return out
+
+
+def parse_cmdline(cmdline: str) -> list[tuple[str, str]]:
+    """(module, "param=value") for each `module.param=value` word of a kernel command line, as
+    modprobe takes them (libkmod-config.c kmod_config_parse_kcmdline: a word without a value, or
+    with a quote in the module or parameter name, is ignored; a value with spaces is re-quoted)."""
+    options = []
+    for key, value in kernel_args(cmdline):
+        module, dot, param = key.partition(".")
+        if value is None or not dot or not module or not param or '"' in key or "/" in module:
+            continue
+        if any(ch.isspace() for ch in value):
             value = f'"{value}"'
-        options.append((_norm(module), f"{param}{eq}{value}"))
+        options.append((_norm(module), f"{param}={value}"))
     return options
 
 
@@ -97,7 +133,8 @@ def config_texts(root: Root) -> list[str]:
     texts = []
     for path in _config_files(root):
         try:
-            texts.append(path.read_text())
+            # kmod reads bytes: a Latin-1 comment or value must not stop us (kept as surrogates)
+            texts.append(path.read_bytes().decode("utf-8", errors="surrogateescape"))
         except OSError:
             continue
     return texts
@@ -122,7 +159,7 @@ def collect(root: Root, modules: list[str] | set[str], texts: list[str] | None =
             if module in wanted:
                 pieces.setdefault(module, []).append(opts)
     try:
-        cmdline = root("/proc/cmdline").read_text()
+        cmdline = root("/proc/cmdline").read_bytes().decode("utf-8", errors="surrogateescape")
     except FileNotFoundError:
         cmdline = ""
     for module, opt in parse_cmdline(cmdline):

@@ -1,18 +1,27 @@
 """What to do, as pure functions: snapshot + config + module files -> a Plan, or a reason not to act.
 
-Nothing here reads files or touches the kernel; the caller gathers the facts (snapshot, module
-inventories, parameters, GPU holders) and `swap` carries the plan out.
+Nothing here reads files or touches the kernel; the caller (facts.py) gathers the facts (snapshot,
+module inventories, parameters, GPU holders) and swap.py carries the plan out.
+
+Which loaded modules are the driver is decided by content, not by name: the swap unloads `nvidia`
+and every module holding it; of those, the ones the new driver tree ships with the driver's version
+are driver modules (loaded from the new driver, version checked), the others are holders (nvidia_fs:
+reloaded from a build in the module dirs, their own version). Modules outside that closure
+(nvidia_wmi_ec_backlight, nvidia_cspmu) are left alone.
 """
 
 from __future__ import annotations
 
+import graphlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 from .config import Config
 from .holders import Holder
 from .modinfo import ModInfo
-from .snapshot import Snapshot
+from .rules import CORE, stale
+from .snapshot import LoadedModule, Snapshot
 
 NONE, LOAD, SWAP, DEFER, REFUSE = "none", "load", "swap", "defer", "refuse"
 
@@ -25,6 +34,7 @@ class Candidate:
     resolved: Path
     info: ModInfo | None = None
     error: str | None = None
+    top: str = ""  # the module directory it was found in
 
 
 Inventory = dict[str, list[Candidate]]  # kernel module name -> files, in search order
@@ -35,6 +45,18 @@ class LoadStep:
     name: str
     path: str
     params: str = ""
+    version: str | None = None      # what the file says: a rollback checks sysfs against these
+    srcversion: str | None = None
+
+    def matches(self, loaded: LoadedModule | None) -> bool:
+        """The loaded module is this file's: same version and, where both have one, srcversion."""
+        if loaded is None or loaded.version != self.version:
+            return False
+        return not (loaded.srcversion and self.srcversion) or loaded.srcversion == self.srcversion
+
+    @classmethod
+    def of(cls, info: ModInfo, params: str) -> LoadStep:
+        return cls(info.name, str(info.path), params, info.version, info.srcversion)
 
 
 @dataclass(frozen=True)
@@ -65,63 +87,77 @@ class Plan:
         return data
 
 
+def q(value: object) -> str:
+    """A value read from a file, quoted so that stray bytes and newlines show."""
+    return repr(value)
+
+
 def _base(snapshot: Snapshot, config: Config) -> dict:
-    return dict(expected_version=config.driver_version, loaded_version=snapshot.version("nvidia"),
+    return dict(expected_version=config.driver_version, loaded_version=snapshot.version(CORE),
                 running_kernel=snapshot.kernel_release, config_kernel=config.kernel_release)
 
 
-def driver_modules_current(snapshot: Snapshot, config: Config) -> bool:
-    """Every loaded NVIDIA module carries the expected version (nvidia itself must be loaded)."""
-    if snapshot.version("nvidia") is None:
+def stale_modules(snapshot: Snapshot, config: Config) -> list[str]:
+    """Modules of nvidia's closure whose version is not the profile's (rules.stale, as quick.py)."""
+    return stale(config.driver_version, {n: snapshot.modules[n].version for n in snapshot.family()})
+
+
+def driver_current(snapshot: Snapshot, config: Config, foreign: Iterable[str] = ()) -> bool:
+    """nvidia is loaded at the profile's version and every other module of its closure either has
+    that version too or is FOREIGN (a holder with a version of its own: the new tree does not ship
+    it with the driver's version)."""
+    if snapshot.version(CORE) != config.driver_version:
         return False
-    return all(m.version == config.driver_version for name, m in snapshot.modules.items()
-               if name.startswith("nvidia") and m.version is not None)
+    return set(stale_modules(snapshot, config)) <= set(foreign)
 
 
-def triage(snapshot: Snapshot, config: Config) -> Plan | None:
-    """The decisions that need no module files: nothing to do, or a kernel that changed.
-
-    Returns None when a load or swap is wanted and the files must be looked at.
-    """
+def triage(snapshot: Snapshot, config: Config, foreign: Iterable[str] = ()) -> Plan | None:
+    """The decisions that need no module files beyond FOREIGN: nothing to do, a kernel that changed,
+    or a kernel that refuses module changes. None when a load or swap is wanted."""
     base = _base(snapshot, config)
-    if driver_modules_current(snapshot, config):
+    if driver_current(snapshot, config, foreign):
         reason = f"loaded NVIDIA driver {config.driver_version} matches the system profile"
         if config.kernel_release != snapshot.kernel_release:
             reason += f"; kernel {config.kernel_release} is waiting for a reboot"
         return Plan(NONE, reason, **base)
+    what = (f"loaded NVIDIA driver is {q(base['loaded_version'])}" if base["loaded_version"]
+            else "no NVIDIA driver is loaded")
     if config.kernel_release != snapshot.kernel_release:
-        what = (f"loaded NVIDIA driver is {base['loaded_version']}" if base["loaded_version"]
-                else "no NVIDIA driver is loaded")
         reason = (f"{what}, the profile has {config.driver_version} built for kernel {config.kernel_release}, "
                   f"but kernel {snapshot.kernel_release} is running: a reboot is required")
         return Plan(DEFER if config.on_kernel_change == "defer" else REFUSE, reason, **base)
+    if snapshot.modules_disabled:
+        return Plan(REFUSE, (f"{what} and the profile has {config.driver_version}, but module loading is "
+                             f"disabled (/proc/sys/kernel/modules_disabled = 1; NixOS "
+                             f"security.lockKernelModules): the kernel refuses every unload and load until "
+                             f"reboot, so nothing was tried. The new driver loads at the next boot"), **base)
     return None
 
 
-def unload_order(snapshot: Snapshot, names: list[str]) -> list[str]:
-    """Users before what they use: a topological sort of the live holder graph (ties by name)."""
-    remaining = set(names)
+def _order(graph: dict[str, set[str]], what: str) -> list[str]:
+    """A topological order of GRAPH (node -> what must come before it), ties by name."""
+    sorter = graphlib.TopologicalSorter(graph)
+    try:
+        sorter.prepare()
+    except graphlib.CycleError as e:
+        raise ValueError(f"{what} cycle among {sorted(set(e.args[1]))}") from e
     order: list[str] = []
-    while remaining:
-        ready = sorted(n for n in remaining if not (snapshot.modules[n].holders & remaining))
-        if not ready:
-            raise ValueError(f"holder cycle among {sorted(remaining)}")
+    while sorter.is_active():
+        ready = sorted(sorter.get_ready())
         order.extend(ready)
-        remaining -= set(ready)
+        sorter.done(*ready)
     return order
+
+
+def unload_order(snapshot: Snapshot, names: Iterable[str]) -> list[str]:
+    """Users before what they use, by the live holder graph."""
+    chosen = set(names)
+    return _order({n: snapshot.modules[n].holders & chosen for n in chosen}, "holder")
 
 
 def load_order(infos: dict[str, ModInfo]) -> list[str]:
-    """Dependencies before their users, following each file's `depends` (ties by name)."""
-    remaining = set(infos)
-    order: list[str] = []
-    while remaining:
-        ready = sorted(n for n in remaining if not (set(infos[n].depends) & remaining))
-        if not ready:
-            raise ValueError(f"dependency cycle among {sorted(remaining)}")
-        order.extend(ready)
-        remaining -= set(ready)
-    return order
+    """Dependencies before their users, by each file's `depends`."""
+    return _order({n: set(infos[n].depends) & set(infos) for n in infos}, "dependency")
 
 
 def _allowed(path: Path, prefixes: tuple[str, ...]) -> bool:
@@ -129,12 +165,30 @@ def _allowed(path: Path, prefixes: tuple[str, ...]) -> bool:
     return any(text.startswith(p) if p.endswith("/") else (text == p or text.startswith(p + "/")) for p in prefixes)
 
 
-def check_new_module(name: str, candidates: list[Candidate], config: Config, running: str) -> tuple[ModInfo | None, str | None]:
-    """The file to load for NAME from the new driver, or why there is none that may be loaded."""
+def choose(name: str, candidates: list[Candidate]) -> tuple[Candidate | None, str | None]:
+    """The file modprobe's order gives NAME: the first module directory that has one. Two files
+    of one module in that directory are fine when they are the same module (one srcversion);
+    otherwise which one loads is an accident of the tree, so refuse, naming both."""
     if not candidates:
-        return None, (f"{name} is needed but no {name.replace('_', '-')}.ko(.xz/.zst) was found in "
-                      f"{', '.join(config.module_dirs)}")
-    candidate = candidates[0]
+        return None, None
+    first = [c for c in candidates if c.top == candidates[0].top]
+    kinds = {(c.info.version, c.info.srcversion) if c.info else ("unreadable", str(c.resolved)) for c in first}
+    if len({c.resolved for c in first}) > 1 and len(kinds) > 1:
+        files = " and ".join(f"{c.path} ({q(c.info.version) if c.info else c.error})" for c in first)
+        return None, f"{candidates[0].top} has more than one file for {name}: {files}; remove all but one"
+    return first[0], None
+
+
+def check_new_module(name: str, candidates: list[Candidate], config: Config, running: str,
+                     is_driver: bool, missing_dirs: tuple[str, ...] = ()) -> tuple[ModInfo | None, str | None]:
+    """The file to load for NAME, or why there is none that may be loaded. IS_DRIVER: it must carry
+    the driver's version (a holder such as nvidia_fs has its own)."""
+    candidate, problem = choose(name, candidates)
+    if problem:
+        return None, problem
+    if candidate is None:
+        where = ", ".join(f"{d} (missing)" if d in missing_dirs else d for d in config.module_dirs)
+        return None, f"{name} is needed but no {name.replace('_', '-')}.ko(.xz/.zst) was found in {where}"
     if not _allowed(candidate.resolved, config.allowed_prefixes):
         return None, (f"{candidate.path} resolves to {candidate.resolved}, outside the allowed prefixes "
                       f"{', '.join(config.allowed_prefixes)}")
@@ -142,15 +196,16 @@ def check_new_module(name: str, candidates: list[Candidate], config: Config, run
         return None, f"cannot use {candidate.path}: {candidate.error}"
     info = candidate.info
     if info.kernel_release != running:
-        return None, f"{candidate.path} was built for kernel {info.kernel_release}, not the running {running} (vermagic)"
-    if name.startswith("nvidia") and info.version != config.driver_version:
-        return None, (f"{candidate.path} has version {info.version}, but the profile's driver is "
+        return None, f"{candidate.path} was built for kernel {q(info.kernel_release)}, not the running {running} (vermagic)"
+    if is_driver and info.version != config.driver_version:
+        return None, (f"{candidate.path} has version {q(info.version)}, but the profile's driver is "
                       f"{config.driver_version}")
     return info, None
 
 
 def find_rollback(name: str, snapshot: Snapshot, candidates: list[Candidate], config: Config) -> ModInfo | None:
-    """A file of the module that is loaded now: same srcversion (or, lacking one, same version)."""
+    """A file of the module that is loaded now: same version and, where both have one, the same
+    srcversion. A file matching only one of them (a stale record, a rebuilt module) is not it."""
     loaded = snapshot.modules[name]
     for candidate in candidates:
         info = candidate.info
@@ -158,50 +213,36 @@ def find_rollback(name: str, snapshot: Snapshot, candidates: list[Candidate], co
             continue
         if not _allowed(candidate.resolved, config.allowed_prefixes):
             continue
-        if loaded.srcversion and info.srcversion:
-            if loaded.srcversion == info.srcversion:
-                return info
-        elif loaded.version is not None and info.version == loaded.version:
+        if LoadStep.of(info, "").matches(loaded):
             return info
     return None
 
 
-def _ships(dep: str, new: Inventory, snapshot: Snapshot, config: Config) -> bool:
-    """Whether a dependency of a new module is part of the new driver rather than of the kernel.
-
-    The module dirs may be a whole NixOS module tree (system.modulesTree: the kernel's own modules
-    beside the driver's), so being found there says nothing. A loaded module outside the NVIDIA
-    family (drm) stays as it is; otherwise the new driver ships DEP when its file carries the
-    driver's version, or is named nvidia* (then check_new_module insists on the version).
-    """
-    if dep in snapshot.modules and dep not in snapshot.family():
-        return False
-    candidates = new.get(dep, [])
-    if not candidates:
-        return False
-    info = candidates[0].info
-    return dep.startswith("nvidia") or (info is not None and info.version == config.driver_version)
+def ships(name: str, new: Inventory, config: Config) -> bool:
+    """The new driver ships NAME: its file in the module dirs carries the driver's version."""
+    candidate, _ = choose(name, new.get(name, []))
+    return candidate is not None and candidate.info is not None and candidate.info.version == config.driver_version
 
 
-def _kernel_users(snapshot: Snapshot, family: list[str]) -> list[str]:
-    """Modules whose refcount is not explained by the modules holding them (open files, fbcon, ...)."""
-    return [f"{n} (refcount {snapshot.modules[n].refcnt}, {len(snapshot.modules[n].holders)} holder modules)"
-            for n in family if snapshot.modules[n].refcnt > len(snapshot.modules[n].holders)]
+def foreign_modules(snapshot: Snapshot, config: Config, new: Inventory) -> list[str]:
+    """Stale modules of nvidia's closure that the new driver does not ship: holders (nvidia_fs)."""
+    return [n for n in stale_modules(snapshot, config) if n != CORE and not ships(n, new, config)]
 
 
 def plan_change(snapshot: Snapshot, config: Config, new: Inventory, old: Inventory,
-                params: dict[str, str], holders: list[Holder], soft: tuple[str, ...] = ()) -> Plan:
+                params: dict[str, str], holders: list[Holder], soft: tuple[str, ...] = (),
+                missing_dirs: tuple[str, ...] = ()) -> Plan:
     """Plan a load (nothing loaded) or a swap (another version loaded); refuse or defer otherwise."""
     base = _base(snapshot, config)
     running = snapshot.kernel_release
     family = snapshot.family()
     action = SWAP if family else LOAD
 
-    # What must be loaded afterwards: what is loaded now, the configured set, and their dependencies.
+    # What must be loaded afterwards: what is unloaded, the configured set, and their dependencies.
     # Soft dependencies (modprobe.d softdep, e.g. nvidia -> nvidia_uvm) are optional, as for
     # modprobe: loaded when the new driver ships them, skipped otherwise.
-    wanted = list(dict.fromkeys(family + list(config.modules)
-                                + [d for d in soft if _ships(d, new, snapshot, config)]))
+    configured = {CORE, *config.modules}
+    wanted = list(dict.fromkeys(family + list(config.modules) + [d for d in soft if ships(d, new, config)]))
     infos: dict[str, ModInfo] = {}
     problems: list[str] = []
     todo = list(wanted)
@@ -209,15 +250,18 @@ def plan_change(snapshot: Snapshot, config: Config, new: Inventory, old: Invento
         name = todo.pop(0)
         if name in infos:
             continue
-        info, problem = check_new_module(name, new.get(name, []), config, running)
+        is_driver = name in configured or ships(name, new, config)
+        info, problem = check_new_module(name, new.get(name, []), config, running, is_driver, missing_dirs)
         if problem:
             problems.append(problem)
             continue
+        assert info is not None
         infos[name] = info
-        # A dependency the new driver ships comes from the new driver; any other belongs to the kernel.
-        todo.extend(dep for dep in info.depends if dep not in infos and _ships(dep, new, snapshot, config))
+        # A dependency the new driver ships, or one this swap unloads, comes from the module dirs;
+        # any other belongs to the running kernel (drm), which loads it by name.
+        todo.extend(dep for dep in info.depends if dep not in infos and (ships(dep, new, config) or dep in family))
     if problems:
-        return Plan(REFUSE, "the new driver's modules cannot be loaded: " + "; ".join(problems)
+        return Plan(REFUSE, "the new driver's modules cannot be loaded: " + "; ".join(dict.fromkeys(problems))
                     + ". Nothing was unloaded; the loaded driver keeps running", **base)
 
     # Modules the new ones need that belong to the running kernel (drm, drm_kms_helper, ...).
@@ -229,26 +273,28 @@ def plan_change(snapshot: Snapshot, config: Config, new: Inventory, old: Invento
         missing = []
         rollback_infos: dict[str, ModInfo] = {}
         for name in family:
-            info = find_rollback(name, snapshot, old.get(name, []), config)
-            if info is None:
+            found = find_rollback(name, snapshot, old.get(name, []), config)
+            if found is None:
                 loaded = snapshot.modules[name]
-                missing.append(f"{name} {loaded.version or ''}".strip())
+                missing.append(f"{name} {q(loaded.version)}" + (f" srcversion {loaded.srcversion}" if loaded.srcversion else ""))
             else:
-                rollback_infos[name] = info
+                rollback_infos[name] = found
         if missing:
             return Plan(REFUSE, (f"no file of the loaded module(s) {', '.join(missing)} was found in the rollback "
                                  f"directories ({', '.join(config.rollback_dirs) or 'none configured'}): a failed swap "
                                  f"could not be undone, so nothing was changed"), **base)
-        rollback = [LoadStep(n, str(rollback_infos[n].path), params.get(n, "")) for n in load_order(rollback_infos)]
+        rollback = [LoadStep.of(rollback_infos[n], params.get(n, "")) for n in load_order(rollback_infos)]
 
-    load = tuple(LoadStep(n, str(infos[n].path), params.get(n, "")) for n in load_order(infos))
+    load = tuple(LoadStep.of(infos[n], params.get(n, "")) for n in load_order(infos))
     unload = tuple(unload_order(snapshot, family))
     loaded = base["loaded_version"]
     change = (f"swap NVIDIA driver {loaded} -> {config.driver_version}" if action == SWAP
               else f"load NVIDIA driver {config.driver_version}")
 
     if action == SWAP:
-        procs, unexplained = holders, _kernel_users(snapshot, family)
+        procs = holders
+        unexplained = [f"{n} (refcount {snapshot.modules[n].refcnt}, {len(snapshot.modules[n].holders)} holder modules)"
+                       for n in family if snapshot.modules[n].kernel_users]
         if procs or unexplained:
             who = [h.describe() for h in procs] or [f"kernel users of {', '.join(unexplained)}"]
             units = sorted({h.unit for h in procs if h.unit})
@@ -269,6 +315,47 @@ def plan_change(snapshot: Snapshot, config: Config, new: Inventory, old: Invento
 
     return Plan(action, change, unload=unload, load=load, rollback=tuple(rollback),
                 prerequisites=tuple(prerequisites), **base)
+
+
+@dataclass(frozen=True)
+class Restore:
+    """How to get from the loaded modules to a rollback target: unload only what differs from it
+    (users first), keep what already is it, load what is missing. BLOCKED: modules that differ
+    and have references no unload can drop (an open /dev/nvidia0): acting would tear down the
+    rest and still not reach the target, so nothing is done."""
+
+    unload: tuple[str, ...]
+    load: tuple[LoadStep, ...]
+    keep: tuple[str, ...]
+    blocked: tuple[str, ...]
+
+
+def plan_restore(snapshot: Snapshot, target: Iterable[LoadStep], scope: Iterable[str] = ()) -> Restore:
+    """TARGET: the modules to end with, in load order. SCOPE: other modules that must not stay
+    loaded unless they are in the target (what the swap may have loaded)."""
+    steps = {s.name: s for s in target}
+    considered = (set(snapshot.family()) | set(steps) | set(scope)) & set(snapshot.modules)
+    wrong = {n for n in considered if n not in steps or not steps[n].matches(snapshot.modules[n])}
+    wrong = snapshot.holders_closure(wrong)
+    blocked = tuple(sorted(n for n in wrong if snapshot.modules[n].kernel_users))
+    keep = tuple(sorted(n for n in steps if n in snapshot.modules and n not in wrong))
+    if blocked:
+        return Restore((), (), keep, blocked)
+    load = tuple(s for s in steps.values() if s.name not in keep)
+    return Restore(tuple(unload_order(snapshot, wrong)), load, keep, ())
+
+
+def restore_problems(snapshot: Snapshot, target: Iterable[LoadStep]) -> list[str]:
+    """What sysfs shows that is not the target."""
+    problems = []
+    for step in target:
+        loaded = snapshot.modules.get(step.name)
+        if loaded is None:
+            problems.append(f"{step.name} is not loaded")
+        elif not step.matches(loaded):
+            problems.append(f"{step.name} is loaded with version {q(loaded.version)} srcversion {q(loaded.srcversion)}, "
+                            f"not {q(step.version)} {q(step.srcversion)}")
+    return problems
 
 
 def refuse_repeat(plan: Plan, failure: dict | None, record_path: str) -> Plan:

@@ -1,7 +1,9 @@
 """The no-op path, which runs on every start of nvidia-persistenced: decide "versions match,
-nothing to do" having imported nothing but os and json. Anything it is not sure of (another
-command, an odd argument, a config that is not plainly valid, a pending swap, any mismatch) falls
-through to the full CLI, which decides and reports properly.
+nothing to do" having imported nothing but os, json and rules.py. It applies the full path's own
+rules (rules.py): the same config validation and the same "current" test. Anything it cannot
+settle (another command, an odd argument, an invalid config, a pending swap, a module in the
+driver's closure with a version of its own, any mismatch) falls through to the full CLI, which
+decides by the module files and reports properly.
 """
 
 from __future__ import annotations
@@ -9,12 +11,10 @@ from __future__ import annotations
 import json
 import os
 
-STATE_FILE = "swap.json"  # an interrupted swap's record, in the state dir
-# The config keys (config.py checks that its parsers cover exactly these).
-KEYS = frozenset({
-    "driver_version", "kernel_release", "module_dirs", "modules", "rollback_dirs", "on_busy",
-    "on_kernel_change", "stop_units", "verify_command", "settle_timeout_s", "state_dir", "allowed_prefixes",
-})
+from .rules import (CORE, DEFAULT_STATE_DIR, STATE_FILE, ConfigError, driver_closure, parse_proc_modules, stale,
+                    validate)
+
+__all__ = ["STATE_FILE", "try_noop"]
 
 
 def _parse(argv: list[str]) -> dict | None:
@@ -40,7 +40,7 @@ def _parse(argv: list[str]) -> dict | None:
 
 def _read(path: str) -> str | None:
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
             return f.read()
     except OSError:
         return None
@@ -53,14 +53,12 @@ def try_noop(argv: list[str]) -> int | None:
         return None
     text = _read(args["config"])
     try:
-        config = json.loads(text) if text is not None else None
-    except ValueError:
+        config = validate(json.loads(text)) if text is not None else None
+    except (ValueError, ConfigError):
+        return None  # the full path says what is wrong with it
+    if config is None:
         return None
-    if not isinstance(config, dict) or not set(config) <= KEYS:
-        return None
-    version, state_dir = config.get("driver_version"), config.get("state_dir", "/run/nvidia-kmod-swap")
-    if not isinstance(version, str) or not isinstance(state_dir, str) or not isinstance(config.get("module_dirs"), list):
-        return None
+    version, state_dir = config["driver_version"], config.get("state_dir", DEFAULT_STATE_DIR)
     root = args["root"]
 
     def path(p: str) -> str:
@@ -71,13 +69,16 @@ def try_noop(argv: list[str]) -> int | None:
     modules = _read(path("/proc/modules"))
     if modules is None:
         return None
-    names = [line.split(" ", 1)[0] for line in modules.splitlines() if line.startswith("nvidia")]
-    if "nvidia" not in names:
+    rows = parse_proc_modules(modules)
+    closure = driver_closure({name: users for name, (_, users) in rows.items()})
+    if CORE not in closure:
         return None
-    for name in names:
+    versions = {}
+    for name in closure:
         loaded = _read(path(f"/sys/module/{name}/version"))
-        if loaded is not None and loaded.strip() != version:
-            return None
+        versions[name] = None if loaded is None else loaded.strip()
+    if versions[CORE] != version or stale(version, versions):
+        return None
     if args["command"] == "swap":
         _report(f"loaded NVIDIA driver {version} matches the system profile", version, args["log_target"])
     return 0

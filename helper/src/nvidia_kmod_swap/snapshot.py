@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .paths import Root
+from .rules import driver_closure, parse_proc_modules
 
 
 @dataclass(frozen=True)
@@ -20,75 +21,72 @@ class LoadedModule:
     holders: frozenset[str]        # modules that use this one (must be unloaded first)
     state: str                     # Live, Loading, Unloading (from /proc/modules)
 
+    @property
+    def kernel_users(self) -> int:
+        """References that are not modules: open device files, fbcon, another driver's get."""
+        return max(self.refcnt - len(self.holders), 0)
+
 
 @dataclass(frozen=True)
 class Snapshot:
     kernel_release: str
     modules: dict[str, LoadedModule] = field(default_factory=dict)
+    modules_disabled: bool = False  # /proc/sys/kernel/modules_disabled: no load or unload until reboot
 
     def version(self, name: str) -> str | None:
         module = self.modules.get(name)
         return module.version if module else None
 
     def family(self) -> list[str]:
-        """Loaded NVIDIA modules and, transitively, every module that holds one of them."""
-        return sorted(nvidia_family({name: m.holders for name, m in self.modules.items()}))
+        """The loaded nvidia and, transitively, every module holding it: what a swap unloads."""
+        return sorted(driver_closure({name: m.holders for name, m in self.modules.items()}))
+
+    def holders_closure(self, names: set[str]) -> set[str]:
+        """NAMES and, transitively, the loaded modules holding them."""
+        todo, seen = list(names), set()
+        while todo:
+            name = todo.pop()
+            if name in self.modules and name not in seen:
+                seen.add(name)
+                todo.extend(self.modules[name].holders)
+        return seen
 
 
-def nvidia_family(holders: dict[str, frozenset[str]]) -> set[str]:
-    """The loaded modules named nvidia* and, transitively, every module holding one of them."""
-    todo = [name for name in holders if name.startswith("nvidia")]
-    family: set[str] = set()
-    while todo:
-        name = todo.pop()
-        if name not in family and name in holders:
-            family.add(name)
-            todo.extend(holders[name])
-    return family
-
-
-def _read(path) -> str | None:
+def read_text(path) -> str | None:
+    """A small system file as text (undecodable bytes kept as surrogates, as kmod keeps bytes),
+    stripped; None when it does not exist."""
     try:
-        return path.read_text().strip()
+        return path.read_bytes().decode("utf-8", errors="surrogateescape").strip()
     except (FileNotFoundError, NotADirectoryError):
         return None
 
 
 def read_snapshot(root: Root) -> Snapshot:
-    """/proc/modules for all modules; /sys/module details only for the NVIDIA family (the no-op path
+    """/proc/modules for all modules; /sys/module details only for nvidia's closure (the no-op path
     runs on every start of nvidia-persistenced, and a machine has a hundred modules or more)."""
-    release = _read(root("/proc/sys/kernel/osrelease")) or ""
-    rows: dict[str, list[str]] = {}
-    for line in root("/proc/modules").read_text().splitlines():
-        fields = line.split()  # name size refcount users state address
-        if len(fields) >= 5:
-            rows[fields[0]] = fields
-    users = {name: frozenset(u for u in f[3].strip(",").split(",") if u and u != "-") for name, f in rows.items()}
-    family = nvidia_family(users)
+    release = read_text(root("/proc/sys/kernel/osrelease")) or ""
+    rows = parse_proc_modules(read_text(root("/proc/modules")) or "")
+    users = {name: u for name, (_, u) in rows.items()}
+    closure = driver_closure(users)
     modules: dict[str, LoadedModule] = {}
-    for name, fields in rows.items():
+    for name, (fields, holders) in rows.items():
         refcnt = int(fields[2]) if fields[2].lstrip("-").isdigit() else 0
-        if name not in family:
-            modules[name] = LoadedModule(name, None, None, refcnt, users[name], fields[4])
+        if name not in closure:
+            modules[name] = LoadedModule(name, None, None, refcnt, holders, fields[4])
             continue
         sysdir = root(f"/sys/module/{name}")
         try:
             holders = frozenset(p.name for p in (sysdir / "holders").iterdir())
         except FileNotFoundError:
-            holders = users[name]
-        sys_refcnt = _read(sysdir / "refcnt")
+            pass
+        sys_refcnt = read_text(sysdir / "refcnt")
         modules[name] = LoadedModule(
             name=name,
-            version=_read(sysdir / "version"),
-            srcversion=_read(sysdir / "srcversion"),
+            version=read_text(sysdir / "version"),
+            srcversion=read_text(sysdir / "srcversion"),
             refcnt=int(sys_refcnt) if sys_refcnt and sys_refcnt.lstrip("-").isdigit() else refcnt,
             holders=holders,
             state=fields[4],
         )
-    return Snapshot(kernel_release=release, modules=modules)
-
-
-def read_nvidia_only(root: Root) -> tuple[str, str | None]:
-    """The fast path: (running kernel release, loaded nvidia version or None), two small reads."""
-    release = _read(root("/proc/sys/kernel/osrelease")) or ""
-    return release, _read(root("/sys/module/nvidia/version"))
+    disabled = read_text(root("/proc/sys/kernel/modules_disabled")) == "1"
+    return Snapshot(kernel_release=release, modules=modules, modules_disabled=disabled)

@@ -1,104 +1,97 @@
-"""Carries out a Plan under an exclusive lock, with a state file written before every step, and
-rolls back to the old modules on any failure. A run that finds a state file left by a crash
-finishes or rolls back that swap before it does anything else.
+"""Carries out a Plan under an exclusive lock: orchestration only. Decisions come from plan.py,
+facts from facts.py/snapshot.py, every change goes through effects.py, every record through
+state.py.
+
+A state file is written before every step; any failure after the first change rolls back by
+converging on the modules that were loaded before (plan.plan_restore), and the result is what
+sysfs shows. A run that finds a state file left by a crash finishes or rolls back that swap, and
+starts the units it had stopped, before it does anything else.
 """
 
 from __future__ import annotations
 
 import fcntl
-import json
-from contextlib import contextmanager
 import os
 import signal
-import subprocess
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
 
 from . import devices
 from .config import Config
-from .facts import FAILED_RECORD, LOADED_RECORD, make_plan
+from .effects import EffectError, Effects
+from .facts import make_plan
 from .journal import Reporter
-from .kmod import Kernel, KmodError
 from .paths import Root
-from .quick import STATE_FILE
-from .plan import DEFER, NONE, REFUSE, LoadStep, Plan, driver_modules_current, unload_order
-from .snapshot import read_snapshot
+from .plan import DEFER, NONE, REFUSE, LoadStep, Plan, plan_restore, q, restore_problems
+from .snapshot import Snapshot, read_snapshot
+from .state import FAILED_RECORD, LOADED_RECORD, STATE_FILE, FailedRecord, LoadedRecord, StateDir, StateError, SwapState
 
 EXIT_OK, EXIT_REFUSED, EXIT_ROLLED_BACK, EXIT_ROLLBACK_FAILED, EXIT_DEFERRED = 0, 1, 3, 4, 75
 LOCK_FILE = "lock"
 # Test hook for the crash scenarios: SIGKILL ourselves right after the state for step N is written.
 FAILPOINT_ENV = "NVIDIA_KMOD_SWAP_KILL_AT_STEP"
+VERIFY_TIMEOUT_S = 60.0
+
+__all__ = ["EXIT_DEFERRED", "EXIT_OK", "EXIT_REFUSED", "EXIT_ROLLBACK_FAILED", "EXIT_ROLLED_BACK", "STATE_FILE",
+           "SwapFailed", "Swapper", "Terminated"]
 
 
 class SwapFailed(Exception):
     pass
 
 
+class Terminated(Exception):
+    """SIGTERM (systemd's start timeout): raised once, so that the rollback and the restart of
+    stopped units run; Python runs no `finally` when a signal kills it."""
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value and value.isdigit() else None
+
+
+def describe_loaded(snapshot: Snapshot, names) -> str:
+    """What sysfs shows for NAMES: 'nvidia 570.124.04, nvidia_uvm (not loaded)'."""
+    parts = []
+    for name in names:
+        module = snapshot.modules.get(name)
+        parts.append(f"{name} (not loaded)" if module is None else f"{name} {module.version or '(no version)'}")
+    return ", ".join(parts) or "nothing"
+
+
 @dataclass
 class Swapper:
     root: Root
     config: Config
-    kernel: Kernel
+    effects: Effects
     reporter: Reporter
-    run_systemctl: Callable[[list[str]], None] | None = None
     lock_timeout_s: float = 300.0
     retry: bool = False
     kill_at_step: int | None = field(default_factory=lambda: _env_int(FAILPOINT_ENV))
     _step: int = 0
+    _terminated: bool = False
 
-    # -- state directory ---------------------------------------------------------------------
     @property
-    def state_dir(self) -> Path:
-        return self.root(self.config.state_dir)
-
-    def _ensure_state_dir(self) -> None:
-        path = self.state_dir
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        st = os.lstat(path)
-        if not os.path.isdir(path) or os.path.islink(path) or st.st_uid != os.geteuid():
-            raise SwapFailed(f"state directory {path} is not a directory owned by us")
-        os.chmod(path, 0o700)
-
-    def _write(self, name: str, data: dict) -> None:
-        tmp = self.state_dir / f".{name}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.state_dir / name)
-        dirfd = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
-
-    def _read_state(self) -> dict | None:
-        try:
-            fd = os.open(self.state_dir / STATE_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
-        with os.fdopen(fd) as f:
-            try:
-                return json.load(f)
-            except ValueError:
-                return {"phase": "unknown", "rollback": []}
-
-    def _record_step(self, state: dict, phase: str, detail: str) -> None:
-        state.update(phase=phase, step=self._step, detail=detail, updated=time.time())
-        self._write(STATE_FILE, state)
-        self.reporter.event("step", f"step {self._step}: {detail}", "debug", phase=phase)
-        if self.kill_at_step == self._step:
-            os.kill(os.getpid(), signal.SIGKILL)
-        self._step += 1
+    def state(self) -> StateDir:
+        return StateDir(self.root(self.config.state_dir))
 
     # -- entry point ---------------------------------------------------------------------------
     def run(self) -> int:
-        self._ensure_state_dir()
-        with self._lock():
-            pending = self._read_state()
+        try:
+            self.state.ensure()
+        except StateError as e:
+            raise SwapFailed(f"{e}; nothing was touched") from e
+        with self._lock(), self._sigterm():
+            try:
+                pending = self.state.swap_state()
+            except StateError as e:
+                self.reporter.event("rollback-failed", f"refusing to act: {e}. A swap may have been interrupted; "
+                                    f"the loaded modules are {describe_loaded(read_snapshot(self.root), read_snapshot(self.root).family())}. "
+                                    f"Check them (nvidia-kmod-swap status), then remove {self.state.path / STATE_FILE}",
+                                    "crit", reason=str(e))
+                return EXIT_ROLLBACK_FAILED
             if pending is not None:
                 code = self._recover(pending)
                 if code == EXIT_ROLLBACK_FAILED:
@@ -107,8 +100,11 @@ class Swapper:
             return self._execute(plan)
 
     @contextmanager
-    def _lock(self):
-        fd = os.open(self.state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    def _lock(self) -> Iterator[None]:
+        try:
+            fd = os.open(self.state.path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise SwapFailed(f"cannot open the lock {self.state.path / LOCK_FILE}: {e.strerror}; nothing was touched") from e
         try:
             deadline = time.monotonic() + self.lock_timeout_s
             waited = False
@@ -121,11 +117,47 @@ class Swapper:
                         self.reporter.event("step", "another nvidia-kmod-swap run holds the lock; waiting", "notice")
                         waited = True
                     if time.monotonic() > deadline:
-                        raise SwapFailed(f"another run held {self.state_dir / LOCK_FILE} for {self.lock_timeout_s:.0f}s")
+                        raise SwapFailed(f"another run held {self.state.path / LOCK_FILE} for {self.lock_timeout_s:.0f}s")
                     time.sleep(0.1)
             yield
         finally:
             os.close(fd)
+
+    @contextmanager
+    def _sigterm(self) -> Iterator[None]:
+        def handler(signum, frame):
+            if not self._terminated:
+                self._terminated = True
+                raise Terminated("terminated by SIGTERM (systemd's start timeout?)")
+
+        try:
+            previous = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread (tests): no handler
+            yield
+            return
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    # -- state records ---------------------------------------------------------------------------
+    def _save(self, swap: SwapState, best_effort: bool = False) -> None:
+        swap.updated = time.time()
+        try:
+            self.state.write(STATE_FILE, swap.to_json())
+        except OSError as e:
+            if not best_effort:
+                raise
+            self.reporter.event("step", f"could not update {self.state.path / STATE_FILE} ({e.strerror}); "
+                                "carrying on with the rollback", "warning")
+
+    def _record_step(self, swap: SwapState, phase: str, detail: str) -> None:
+        swap.phase, swap.step, swap.detail = phase, self._step, detail
+        self._save(swap)
+        self.reporter.event("step", f"step {self._step}: {detail}", "debug", phase=phase)
+        if self.kill_at_step == self._step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        self._step += 1
 
     # -- executing a plan ------------------------------------------------------------------------
     def _execute(self, plan: Plan) -> int:
@@ -137,34 +169,59 @@ class Swapper:
             self.reporter.event("deferred", f"deferred: {plan.reason}", "warning", reason=plan.reason,
                                 holder_pids=[h.pid for h in plan.holders], holder_units=[h.unit for h in plan.holders if h.unit], **fields)
             return EXIT_DEFERRED
-        if plan.action == REFUSE:
-            self.reporter.event("refused", f"refused: {plan.reason}", "err", reason=plan.reason,
+        problem = self._preflight()
+        if plan.action == REFUSE or problem:
+            reason = plan.reason if plan.action == REFUSE else problem
+            self.reporter.event("refused", f"refused: {reason}", "err", reason=reason,
                                 holder_pids=[h.pid for h in plan.holders], **fields)
             return EXIT_REFUSED
-        stopped: list[str] = []
+        swap = SwapState(plan.expected_version, plan.loaded_version, plan.load, plan.rollback)
+        try:
+            self._save(swap)  # before anything: a state dir we cannot write stops us here
+        except OSError as e:
+            reason = f"cannot write {self.state.path / STATE_FILE}: {e.strerror}; nothing was touched"
+            self.reporter.event("refused", f"refused: {reason}", "err", reason=reason, **fields)
+            return EXIT_REFUSED
         try:
             if plan.stop_units:
-                plan = self._stop_units(plan, stopped)
+                plan = self._stop_units(plan, swap)
                 if not plan.changes_kernel:
+                    self.state.remove(STATE_FILE)
                     return self._execute(plan)  # deferred after all, or someone else swapped meanwhile
             self.reporter.event("plan", f"{plan.reason}: unload {' '.join(plan.unload) or 'nothing'}; "
                                         f"load {' '.join(s.name for s in plan.load)}", "notice",
                                 modules=[s.name for s in plan.load], **fields)
-            return self._swap(plan)
+            return self._swap(plan, swap)
         finally:
-            if stopped:
-                self._start_units(stopped)
+            if swap.stopped_units:
+                self._start_units(swap.stopped_units)
 
-    def _stop_units(self, plan: Plan, stopped: list[str]) -> Plan:
+    def _preflight(self) -> str | None:
+        """What would fail after the unload and can be known before it."""
+        argv = self.config.verify_command
+        if argv and not os.access(argv[0], os.X_OK):
+            what = "does not exist" if not os.path.lexists(argv[0]) else "is not executable"
+            return f"the verify command {argv[0]} {what}; nothing was unloaded"
+        return None
+
+    def _stop_units(self, plan: Plan, swap: SwapState) -> Plan:
         self.reporter.event("busy", f"stopping {', '.join(plan.stop_units)} to free the GPU", "notice",
                             holder_units=plan.stop_units, holder_pids=[h.pid for h in plan.holders])
         for unit in plan.stop_units:
-            self._systemctl(["stop", unit])
-            stopped.append(unit)
-        replanned = make_plan(self.root, self.config, retry=self.retry)
+            swap.stopped_units.append(unit)
+            self._record_step(swap, "stopping-units", f"stop {unit}")  # recorded before it is stopped
+            self.effects.systemctl(["stop", unit])
+        # A stopped unit's processes may take a moment to close the device: wait a bounded time.
+        deadline = time.monotonic() + self.config.settle_timeout_s
+        while True:
+            replanned = make_plan(self.root, self.config, retry=self.retry)
+            if not (replanned.stop_units or replanned.holders) or time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
         if replanned.stop_units or replanned.holders:
-            return Plan(DEFER, f"the GPU is still in use after stopping {', '.join(stopped)}: "
-                        + "; ".join(h.describe() for h in replanned.holders), replanned.expected_version,
+            return Plan(DEFER, f"the GPU is still in use after stopping {', '.join(swap.stopped_units)}: "
+                        + "; ".join(h.describe() for h in replanned.holders)
+                        + "; the stopped units are started again", replanned.expected_version,
                         replanned.loaded_version, replanned.running_kernel, replanned.config_kernel, holders=replanned.holders)
         return replanned
 
@@ -172,141 +229,155 @@ class Swapper:
         for unit in units:
             try:
                 # --no-block: a unit ordered after ours would otherwise wait for us, and we for it.
-                self._systemctl(["start", "--no-block", unit])
-            except SwapFailed as e:
+                self.effects.systemctl(["start", "--no-block", unit])
+            except EffectError as e:
                 self.reporter.event("failed", f"could not start {unit} again: {e}", "err")
 
-    def _systemctl(self, args: list[str]) -> None:
-        if self.run_systemctl is not None:
-            self.run_systemctl(args)
-            return
-        for path in ("/run/current-system/sw/bin/systemctl", "/usr/bin/systemctl", "/bin/systemctl"):
-            if os.access(path, os.X_OK):
-                proc = subprocess.run([path, *args], capture_output=True, text=True)
-                if proc.returncode != 0:
-                    raise SwapFailed(f"systemctl {' '.join(args)}: {proc.stderr.strip()}")
-                return
-        raise SwapFailed("no systemctl binary found")
-
-    def _swap(self, plan: Plan) -> int:
+    def _swap(self, plan: Plan, swap: SwapState) -> int:
         self._step = 0
-        state = {"format": 1, "plan": plan.to_json(), "rollback": _step_dicts(plan.rollback),
-                 "load": _step_dicts(plan.load), "started": time.time()}
         try:
             for name in plan.prerequisites:
-                self._record_step(state, "prerequisites", f"load {name} from the running kernel's tree")
-                self.kernel.load_by_name(name)
+                self._record_step(swap, "prerequisites", f"load {name} from the running kernel's tree")
+                self.effects.load_by_name(name)
             for name in plan.unload:
-                self._record_step(state, "unloading", f"unload {name} {plan.loaded_version or ''}".strip())
-                self.kernel.unload(name)
+                self._record_step(swap, "unloading", f"unload {name} {plan.loaded_version or ''}".strip())
+                self.effects.unload(name)
+                swap.changed = True
             for step in plan.load:
-                self._record_step(state, "loading", f"load {step.path} {step.params}".strip())
-                self.kernel.load(step.path, step.params)
-            self._record_step(state, "verifying", "verify versions, device nodes and the verify command")
-            self._verify(plan)
-        except (KmodError, SwapFailed, OSError) as e:
-            reason = str(e)
+                self._record_step(swap, "loading", f"load {step.path} {step.params}".strip())
+                self.effects.load(step.path, step.params)
+                swap.changed = True
+            self._record_step(swap, "verifying", "verify versions, device nodes and the verify command")
+            self._verify(plan.load, plan.expected_version)
+        except Exception as e:  # any failure after the first change is rolled back, whatever it was
+            reason = str(e) or type(e).__name__
+            if not swap.changed:
+                self.state.remove(STATE_FILE)
+                self.reporter.event("refused", f"swap to {plan.expected_version} failed before anything changed: "
+                                    f"{reason}. Nothing was unloaded; the loaded driver keeps running", "err", reason=reason)
+                return EXIT_REFUSED
             self.reporter.event("failed", f"swap to {plan.expected_version} failed: {reason}; rolling back "
                                 f"to {plan.loaded_version or 'no driver'}", "err", reason=reason)
-            code = self._rollback(state, plan.rollback, reason)
-            self._write(FAILED_RECORD, {"driver_version": plan.expected_version, "load": [s.path for s in plan.load],
-                                        "reason": reason, "time": time.time()})
+            code = self._rollback(swap, reason)
+            try:
+                self.state.write(FAILED_RECORD, FailedRecord(plan.expected_version, tuple(s.path for s in plan.load),
+                                                             reason).to_json())
+            except OSError as e:
+                self.reporter.event("step", f"could not write {FAILED_RECORD} ({e.strerror})", "warning")
             return code
         self._finish(plan.load, plan.expected_version)
-        (self.state_dir / FAILED_RECORD).unlink(missing_ok=True)
+        self.state.remove(FAILED_RECORD)
         self.reporter.event("swapped", f"NVIDIA driver {plan.expected_version} loaded"
                             + (f" (was {plan.loaded_version})" if plan.loaded_version else ""), "notice",
                             modules=[s.name for s in plan.load], loaded_version=plan.expected_version,
                             previous_version=plan.loaded_version)
         return EXIT_OK
 
-    def _finish(self, load, version: str) -> None:
-        self._write(LOADED_RECORD, {"driver_version": version, "modules": _step_dicts(load)})
-        (self.state_dir / STATE_FILE).unlink(missing_ok=True)
+    def _finish(self, load: tuple[LoadStep, ...], version: str) -> None:
+        self.state.write(LOADED_RECORD, LoadedRecord(version, load).to_json())
+        self.state.remove(STATE_FILE)
+        self._keep_on_disk(load)
 
-    def _verify(self, plan: Plan) -> None:
+    def _keep_on_disk(self, load: tuple[LoadStep, ...]) -> None:
+        """A GC root per loaded module file, so that a garbage collection cannot delete the files
+        of the running driver (the next swap's rollback source); the previous ones are dropped."""
+        if not self.config.gc_root_dir:
+            return
+        targets = {s.name: os.path.realpath(s.path) for s in load if os.path.realpath(s.path).startswith("/nix/store/")}
+        try:
+            self.effects.set_gc_roots(self.config.gc_root_dir, targets)
+        except (OSError, EffectError) as e:
+            self.reporter.event("step", f"could not update the GC roots in {self.config.gc_root_dir}: {e}", "warning")
+
+    def _verify(self, load: tuple[LoadStep, ...], expected: str) -> None:
         snapshot = read_snapshot(self.root)
-        for step in plan.load:
-            module = snapshot.modules.get(step.name)
-            if module is None:
-                raise SwapFailed(f"{step.name} is not loaded after loading it")
-            if step.name.startswith("nvidia") and module.version != plan.expected_version:
-                raise SwapFailed(f"{step.name} reports version {module.version}, expected {plan.expected_version}")
-        problems = devices.wait_for_nodes(self.root, set(snapshot.modules), self.config.settle_timeout_s)
+        problems = restore_problems(snapshot, load)
         if problems:
-            raise SwapFailed(f"device nodes not ready after {self.config.settle_timeout_s:.0f}s: {'; '.join(problems)}")
+            raise SwapFailed("after loading, sysfs shows: " + "; ".join(problems))
+        nodes = devices.wait_for_nodes(self.root, set(snapshot.modules), self.config.settle_timeout_s, self.effects)
+        if nodes:
+            raise SwapFailed(f"device nodes not ready after {self.config.settle_timeout_s:.0f}s: {'; '.join(nodes)}")
         if self.config.verify_command:
-            self._run_verify_command(plan.expected_version)
+            self._run_verify_command(expected)
 
     def _run_verify_command(self, expected: str) -> None:
-        argv = list(self.config.verify_command)
+        argv = list(self.config.verify_command or ())
         try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise SwapFailed(f"verify command {argv[0]} could not run: {e}") from e
-        lines = [line.strip() for line in proc.stdout.splitlines() if line.strip()]
-        if proc.returncode != 0 or not lines or any(line != expected for line in lines):
-            out = (proc.stdout + proc.stderr).strip().replace("\n", " | ")
-            raise SwapFailed(f"verify command {' '.join(argv)} exited {proc.returncode} with {out!r}, expected {expected}")
+            status, output = self.effects.run_command(argv, VERIFY_TIMEOUT_S)
+        except EffectError as e:
+            raise SwapFailed(f"verify command: {e}") from e
+        lines = [line.strip() for line in output.splitlines() if line.strip()]
+        if status != 0 or not lines or any(line != expected for line in lines):
+            raise SwapFailed(f"verify command {' '.join(argv)} exited {status} with "
+                             f"{q(output.strip().replace(chr(10), ' | '))}, expected {expected}")
 
     # -- rollback and recovery -------------------------------------------------------------------
-    def _restore(self, rollback: list[dict]) -> None:
-        """Unload whatever of the driver is loaded, then load the old modules back."""
+    def _rollback(self, swap: SwapState, reason: str) -> int:
+        """Converge on swap.rollback: unload only what differs from it, load what is missing, then
+        report what sysfs shows. Nothing is unloaded when a module that differs cannot be."""
+        swap.phase, swap.reason = "rolling-back", reason
+        self._save(swap, best_effort=True)
+        target = swap.rollback
+        old = swap.loaded_version or "no driver"
         snapshot = read_snapshot(self.root)
-        for name in unload_order(snapshot, snapshot.family()):
-            self.kernel.unload(name)
-        for step in rollback:
-            self.kernel.load(step["path"], step.get("params", ""))
-        if rollback:
-            loaded = set(read_snapshot(self.root).modules)
-            problems = devices.wait_for_nodes(self.root, loaded, self.config.settle_timeout_s)
-            if problems:
-                raise SwapFailed("; ".join(problems))
-
-    def _rollback(self, state: dict, rollback, reason: str) -> int:
-        steps = _step_dicts(rollback)
-        state.update(phase="rolling-back", reason=reason)
-        self._write(STATE_FILE, state)
+        restore = plan_restore(snapshot, target, scope=[s.name for s in swap.load])
+        if not (restore.unload or restore.load or restore.blocked or restore_problems(snapshot, target)):
+            self.state.remove(STATE_FILE)
+            self.reporter.event("recovery", f"nothing to roll back: sysfs shows {old} as before "
+                                f"({describe_loaded(snapshot, [s.name for s in target])})", "warning")
+            return EXIT_REFUSED
+        if restore.blocked:
+            return self._rollback_failed(swap, reason, snapshot, (
+                f"{', '.join(restore.blocked)} cannot be unloaded (references that are not modules: an open "
+                f"/dev/nvidia* or another driver); nothing more was unloaded"))
         try:
-            self._restore(steps)
-        except (KmodError, SwapFailed, OSError) as e:
-            self.reporter.event("rollback-failed", f"rollback failed: {e}. The NVIDIA driver is in an unknown state; "
-                                f"the state is kept in {self.state_dir / STATE_FILE} and the next run retries", "crit",
-                                reason=f"{reason}; rollback: {e}")
-            return EXIT_ROLLBACK_FAILED
-        (self.state_dir / STATE_FILE).unlink(missing_ok=True)
-        old = state.get("plan", {}).get("loaded_version")
-        self.reporter.event("rolled-back", f"rolled back: the NVIDIA driver {old or '(none)'} is loaded again. "
-                            f"Cause: {reason}", "err", reason=reason, loaded_version=old)
+            for name in restore.unload:
+                self.effects.unload(name)
+            for step in restore.load:
+                self.effects.load(step.path, step.params)
+        except EffectError as e:
+            return self._rollback_failed(swap, reason, read_snapshot(self.root), str(e))
+        after = read_snapshot(self.root)
+        problems = restore_problems(after, target)
+        if problems:
+            return self._rollback_failed(swap, reason, after, "; ".join(problems))
+        if target:
+            nodes = devices.wait_for_nodes(self.root, set(after.modules), self.config.settle_timeout_s, self.effects)
+            if nodes:
+                return self._rollback_failed(swap, reason, after, "device nodes: " + "; ".join(nodes))
+        self.state.remove(STATE_FILE)
+        self._keep_on_disk(target)
+        shown = describe_loaded(after, [s.name for s in target]) if target else "no NVIDIA module"
+        self.reporter.event("rolled-back", f"rolled back: the NVIDIA driver {old} is loaded again (sysfs: {shown}; "
+                            f"kept {len(restore.keep)}, reloaded {len(restore.load)}). Cause: {reason}", "err",
+                            reason=reason, loaded_version=swap.loaded_version)
         return EXIT_ROLLED_BACK
 
-    def _recover(self, state: dict) -> int:
+    def _rollback_failed(self, swap: SwapState, reason: str, snapshot: Snapshot, why: str) -> int:
+        names = sorted({s.name for s in swap.rollback} | {s.name for s in swap.load} | set(snapshot.family()))
+        self.reporter.event("rollback-failed", f"rollback failed: {why}. Loaded now (sysfs): "
+                            f"{describe_loaded(snapshot, names)}. The state is kept in {self.state.path / STATE_FILE} "
+                            f"and the next run retries", "crit", reason=f"{reason}; rollback: {why}")
+        return EXIT_ROLLBACK_FAILED
+
+    def _recover(self, swap: SwapState) -> int:
         """A state file means a run died mid-swap. All new and verified: keep it. Otherwise: old."""
-        plan = state.get("plan", {})
-        snapshot = read_snapshot(self.root)
-        expected = plan.get("expected_version")
-        loaded_names = set(snapshot.modules)
-        wanted = [s["name"] for s in state.get("load", [])]
-        if (state.get("phase") == "verifying" and expected == self.config.driver_version
-                and driver_modules_current(snapshot, self.config) and set(wanted) <= loaded_names):
-            try:
-                self._verify(Plan(plan.get("action", "swap"), "", expected, None, snapshot.kernel_release,
-                                  self.config.kernel_release, load=tuple(LoadStep(**s) for s in state["load"])))
-                self._finish(state["load"], expected)
-                self.reporter.event("recovery", f"an interrupted swap to {expected} had completed; kept it", "warning")
-                return EXIT_OK
-            except (SwapFailed, OSError):
-                pass
-        self.reporter.event("recovery", f"an interrupted swap (at {state.get('phase')}, step {state.get('step')}) "
-                            f"is rolled back to {plan.get('loaded_version') or 'no driver'}", "warning")
-        return self._rollback(state, state.get("rollback", []), f"recovering from an interrupted swap at {state.get('phase')}")
+        try:
+            snapshot = read_snapshot(self.root)
+            if (swap.phase == "verifying" and swap.expected_version == self.config.driver_version
+                    and not restore_problems(snapshot, swap.load)):
+                try:
+                    self._verify(swap.load, swap.expected_version)
+                    self._finish(swap.load, swap.expected_version)
+                    self.reporter.event("recovery", f"an interrupted swap to {swap.expected_version} had completed; kept it",
+                                        "warning")
+                    return EXIT_OK
+                except (SwapFailed, EffectError, OSError):
+                    pass
+            self.reporter.event("recovery", f"an interrupted swap (at {swap.phase}, step {swap.step}) is rolled back "
+                                f"to {swap.loaded_version or 'no driver'}", "warning")
+            return self._rollback(swap, f"recovering from an interrupted swap at {swap.phase}")
+        finally:
+            if swap.stopped_units:
+                self._start_units(swap.stopped_units)
 
-
-def _step_dicts(steps) -> list[dict]:
-    """LoadSteps of a plan, or the dicts a state file recorded of them, as dicts."""
-    return [s if isinstance(s, dict) else asdict(s) for s in steps]
-
-
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    return int(value) if value and value.isdigit() else None

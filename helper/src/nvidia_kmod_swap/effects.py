@@ -1,0 +1,162 @@
+"""The helper's one effects boundary: everything that changes the system goes through an Effects.
+
+- kernel modules: load a file by absolute path (finit_module/init_module), unload by name
+  (delete_module), load a kernel module by name (modprobe, for drm and the like);
+- device nodes: remove a stale node, replay a module's "add" uevent so udev makes it again;
+- systemd units: systemctl stop/start;
+- the verify command;
+- the Nix GC roots that keep the loaded driver's files.
+
+Real syscalls through libc's syscall(2), no shell and no modprobe search path: the exact file the
+plan names is the one the kernel gets. Compressed modules are decompressed here, as kmod does,
+because not every kernel decompresses in-kernel. Tests replace SystemEffects with one fake.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Protocol
+
+from .modinfo import read_bytes
+from .paths import Root
+
+SYSCALLS = {
+    "x86_64": {"init_module": 175, "delete_module": 176, "finit_module": 313},
+    "aarch64": {"init_module": 105, "delete_module": 106, "finit_module": 273},
+}
+
+EXPLAIN = {
+    errno.EEXIST: "a module of that name is already loaded",
+    errno.EBUSY: "the module is in use",
+    errno.EAGAIN: "the module is in use (held by another module or an open device)",
+    errno.EWOULDBLOCK: "the module is in use (held by another module or an open device)",
+    errno.ENOEXEC: "invalid module format (built for another kernel?)",
+    errno.ENOENT: "unknown symbol or module not loaded",
+    errno.EKEYREJECTED: "the module signature was rejected",
+    errno.EPERM: "not permitted (lockdown, or module loading disabled)",
+    errno.EINVAL: "invalid parameters or module",
+    errno.ENODEV: "the module's init found no device",
+}
+
+
+class EffectError(Exception):
+    """A change the system refused."""
+
+
+class KmodError(EffectError):
+    def __init__(self, op: str, target: str, err: int, detail: str = "") -> None:
+        self.op, self.target, self.errno = op, target, err
+        text = detail or EXPLAIN.get(err) or os.strerror(err)
+        super().__init__(f"{op} {target}: {os.strerror(err)} ({text})" if err else f"{op} {target}: {text}")
+
+
+class Effects(Protocol):
+    def load(self, path: str, params: str) -> None: ...
+    def unload(self, name: str) -> None: ...
+    def load_by_name(self, name: str) -> None: ...
+    def remove_node(self, path: str) -> None: ...
+    def replay_add(self, module: str) -> None: ...
+    def systemctl(self, args: list[str]) -> None: ...
+    def run_command(self, argv: list[str], timeout: float) -> tuple[int, str]: ...
+    def set_gc_roots(self, directory: str, targets: dict[str, str]) -> None: ...
+
+
+def _tool(candidates: tuple[str, ...], name: str) -> str:
+    for path in candidates:
+        if os.access(path, os.X_OK):
+            return path
+    raise EffectError(f"no {name} binary found (looked at {', '.join(candidates)})")
+
+
+class SystemEffects:
+    """The live system. ROOT prefixes the paths of device nodes, uevents and GC roots."""
+
+    def __init__(self, root: Root) -> None:
+        self.root = root
+        self._libc: ctypes.CDLL | None = None
+
+    # -- kernel modules ------------------------------------------------------------------------
+    def _syscall(self, op: str, target: str, name: str, *args) -> None:
+        numbers = SYSCALLS.get(platform.machine())
+        if numbers is None:
+            raise EffectError(f"unsupported architecture {platform.machine()}")
+        if self._libc is None:
+            self._libc = ctypes.CDLL(None, use_errno=True)
+            self._libc.syscall.restype = ctypes.c_long
+        if self._libc.syscall(ctypes.c_long(numbers[name]), *args) != 0:
+            raise KmodError(op, target, ctypes.get_errno())
+
+    def load(self, path: str, params: str) -> None:
+        opts = ctypes.c_char_p(params.encode(errors="surrogateescape"))
+        if path.endswith((".xz", ".zst")):
+            image = read_bytes(Path(path))
+            buf = ctypes.create_string_buffer(image, len(image))
+            self._syscall("load", path, "init_module", buf, ctypes.c_ulong(len(image)), opts)
+            return
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self._syscall("load", path, "finit_module", ctypes.c_int(fd), opts, ctypes.c_int(0))
+        finally:
+            os.close(fd)
+
+    def unload(self, name: str) -> None:
+        # O_NONBLOCK: fail at once if the module is in use, never wait for its users to go away.
+        self._syscall("unload", name, "delete_module", ctypes.c_char_p(name.encode()), ctypes.c_uint(os.O_NONBLOCK))
+
+    def load_by_name(self, name: str) -> None:
+        """A module of the running kernel (e.g. drm) that the new driver needs: modprobe finds it."""
+        try:
+            modprobe = _tool(("/run/current-system/sw/bin/modprobe", "/usr/sbin/modprobe", "/sbin/modprobe"), "modprobe")
+        except EffectError as e:
+            raise KmodError("modprobe", name, 0, str(e)) from e
+        proc = subprocess.run([modprobe, "--", name], capture_output=True, text=True, errors="surrogateescape")
+        if proc.returncode != 0:
+            raise KmodError("modprobe", name, 0, proc.stderr.strip() or f"exit {proc.returncode}")
+
+    # -- device nodes ----------------------------------------------------------------------------
+    def remove_node(self, path: str) -> None:
+        Path(self.root(path)).unlink(missing_ok=True)
+
+    def replay_add(self, module: str) -> None:
+        """Asks the kernel to send the module's "add" uevent again (what `udevadm trigger` does)."""
+        try:
+            self.root(f"/sys/module/{module}/uevent").write_text("add")
+        except OSError:
+            pass
+
+    # -- units and commands ----------------------------------------------------------------------
+    def systemctl(self, args: list[str]) -> None:
+        systemctl = _tool(("/run/current-system/sw/bin/systemctl", "/usr/bin/systemctl", "/bin/systemctl"), "systemctl")
+        proc = subprocess.run([systemctl, *args], capture_output=True, text=True, errors="surrogateescape")
+        if proc.returncode != 0:
+            raise EffectError(f"systemctl {' '.join(args)}: {proc.stderr.strip() or f'exit {proc.returncode}'}")
+
+    def run_command(self, argv: list[str], timeout: float) -> tuple[int, str]:
+        """(exit status, stdout and stderr); EffectError when it cannot run or times out."""
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, errors="surrogateescape", timeout=timeout)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise EffectError(f"{argv[0]} could not run: {e}") from e
+        return proc.returncode, proc.stdout + ("\n" + proc.stderr if proc.stderr else "")
+
+    # -- Nix GC roots ----------------------------------------------------------------------------
+    def set_gc_roots(self, directory: str, targets: dict[str, str]) -> None:
+        """DIRECTORY holds exactly TARGETS (link name -> store path) afterwards. Nix treats a
+        symlink below /nix/var/nix/gcroots that points into the store as a root (nix's
+        libstore/gc.cc findRoots), so the files a loaded driver came from survive a GC."""
+        top = self.root(directory)
+        top.mkdir(parents=True, exist_ok=True)
+        for name, target in targets.items():
+            link = top / name
+            tmp = top / f".{name}.tmp"
+            tmp.unlink(missing_ok=True)
+            os.symlink(target, tmp)
+            os.replace(tmp, link)
+        for entry in top.iterdir():
+            if entry.name not in targets:
+                entry.unlink(missing_ok=True)

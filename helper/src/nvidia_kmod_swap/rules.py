@@ -1,0 +1,142 @@
+"""The rules both paths share, importing nothing but the standard library's lightest modules:
+the config's keys and their validation, and "the loaded driver is the profile's".
+
+quick.py (the no-op path, every start of nvidia-persistenced) and the full CLI both use these, so
+the fast path can never accept a config the full path refuses, nor call "current" what the planner
+would swap.
+"""
+
+from __future__ import annotations
+
+STATE_FILE = "swap.json"  # an interrupted swap's record, in the state dir
+DEFAULT_STATE_DIR = "/run/nvidia-kmod-swap"
+DEFAULT_MODULES = ("nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm")
+ON_BUSY = ("defer", "fail", "stop-units")
+ON_KERNEL_CHANGE = ("defer", "fail")
+REQUIRED = ("driver_version", "kernel_release", "module_dirs")
+CORE = "nvidia"  # the module every other driver module depends on
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, not JSON, or has a bad key or value."""
+
+
+def _str(key: str, value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"config key {key!r}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _str_list(key: str, value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"config key {key!r}: expected a list of non-empty strings, got {value!r}")
+    return tuple(value)
+
+
+def _abs(key: str, item: str) -> str:
+    if not item.startswith("/"):
+        raise ConfigError(f"config key {key!r}: {item!r} is not an absolute path")
+    return item
+
+
+def _abs_list(key: str, value: object) -> tuple[str, ...]:
+    return tuple(_abs(key, item) for item in _str_list(key, value))
+
+
+def _choice(choices: tuple[str, ...]):
+    def parse(key: str, value: object) -> str:
+        if not isinstance(value, str) or value not in choices:
+            raise ConfigError(f"config key {key!r}: expected one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    return parse
+
+
+def _modules(key: str, value: object) -> tuple[str, ...]:
+    return tuple(m.replace("-", "_") for m in _str_list(key, value))
+
+
+def _command(key: str, value: object) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    argv = _str_list(key, value)
+    if not argv:
+        raise ConfigError(f"config key {key!r}: expected a command (list) or null, got []")
+    if not argv[0].startswith("/"):
+        raise ConfigError(f"config key {key!r}: the command {argv[0]!r} must be an absolute path")
+    return argv
+
+
+def _positive(key: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigError(f"config key {key!r}: expected a positive number, got {value!r}")
+    return float(value)
+
+
+PARSERS = {
+    "driver_version": _str,
+    "kernel_release": _str,
+    "module_dirs": _abs_list,
+    "modules": _modules,
+    "rollback_dirs": _abs_list,
+    "on_busy": _choice(ON_BUSY),
+    "on_kernel_change": _choice(ON_KERNEL_CHANGE),
+    "stop_units": _str_list,
+    "verify_command": _command,
+    "settle_timeout_s": _positive,
+    "state_dir": lambda k, v: _abs(k, _str(k, v)),
+    "allowed_prefixes": _abs_list,
+    "gc_root_dir": lambda k, v: None if v is None else _abs(k, _str(k, v)),
+}
+KEYS = frozenset(PARSERS)
+
+
+def validate(data: object) -> dict:
+    """The config's values, parsed; ConfigError naming the first bad key otherwise."""
+    if not isinstance(data, dict):
+        raise ConfigError("config: expected a JSON object at the top level")
+    unknown = sorted(set(data) - KEYS)
+    if unknown:
+        raise ConfigError(f"config: unknown key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(PARSERS)}")
+    missing = [k for k in REQUIRED if k not in data]
+    if missing:
+        raise ConfigError(f"config: missing required key(s) {', '.join(map(repr, missing))}")
+    values = {key: PARSERS[key](key, value) for key, value in data.items()}
+    if not values["module_dirs"]:
+        raise ConfigError("config key 'module_dirs': expected at least one directory")
+    if values.get("on_busy") == "stop-units" and not values.get("stop_units"):
+        raise ConfigError("config key 'stop_units': on_busy is 'stop-units' but no units are listed")
+    return values
+
+
+def parse_proc_modules(text: str) -> dict[str, tuple[list[str], frozenset[str]]]:
+    """name -> (its /proc/modules fields, the modules using it). Fields: name size refcount
+    users state address (kernel/module/procfs.c print_unload_info: users as "a,b,", "-", or
+    "[permanent]," for a module that cannot be unloaded)."""
+    rows: dict[str, tuple[list[str], frozenset[str]]] = {}
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 5:
+            users = frozenset(u for u in fields[3].split(",") if u and u not in ("-", "[permanent]"))
+            rows[fields[0]] = (fields, users)
+    return rows
+
+
+def driver_closure(users: dict[str, frozenset[str]]) -> set[str]:
+    """The loaded `nvidia` and, transitively, every module holding it (USERS: module -> holders,
+    as /proc/modules lists them). Every module of the driver depends on nvidia, so this is all of
+    the loaded driver plus its holders (nvidia_fs); an unrelated nvidia_* module is not in it."""
+    todo = [CORE] if CORE in users else []
+    closure: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name not in closure and name in users:
+            closure.add(name)
+            todo.extend(users[name])
+    return closure
+
+
+def stale(expected: str, versions: dict[str, str | None]) -> list[str]:
+    """Modules whose version is known and is not EXPECTED: a loaded driver module of another
+    release, or a holder with a version of its own (only the module tree can tell which)."""
+    return sorted(name for name, version in versions.items() if version is not None and version != expected)

@@ -1,0 +1,202 @@
+"""The helper's records in its state directory, typed, each with a `format` checked on read.
+
+swap.json    a swap in progress: written before every step, so that a run after a crash knows
+             what to finish or roll back (and which stopped units to start again)
+loaded.json  the files our last successful swap loaded: the next swap's rollback source
+failed.json  a swap that failed and was rolled back: not retried with the same files
+
+A record that exists but cannot be read as its format is a StateError, never "no record": acting on
+a guess could unload the driver and load nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .plan import LoadStep
+from .rules import STATE_FILE
+
+FORMAT = 2
+LOADED_RECORD = "loaded.json"
+FAILED_RECORD = "failed.json"
+
+__all__ = ["FAILED_RECORD", "FORMAT", "LOADED_RECORD", "STATE_FILE", "FailedRecord", "LoadedRecord",
+           "StateError", "StateDir", "SwapState"]
+
+
+class StateError(Exception):
+    """A record in the state directory that exists but cannot be read, or a state directory
+    that cannot be used (not ours, read-only, full)."""
+
+
+def _steps(value: object, what: str) -> tuple[LoadStep, ...]:
+    if not isinstance(value, list):
+        raise StateError(f"{what}: expected a list of modules, got {value!r}")
+    steps = []
+    for item in value:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not isinstance(item.get("path"), str):
+            raise StateError(f"{what}: not a module entry: {item!r}")
+        try:
+            steps.append(LoadStep(**item))
+        except TypeError as e:
+            raise StateError(f"{what}: {e}") from e
+    return tuple(steps)
+
+
+@dataclass
+class SwapState:
+    """A swap in progress. PHASE: stopping-units, prerequisites, unloading, loading, verifying,
+    rolling-back. CHANGED: some module was unloaded or loaded (before that, nothing to undo)."""
+
+    expected_version: str
+    loaded_version: str | None
+    load: tuple[LoadStep, ...]
+    rollback: tuple[LoadStep, ...]
+    phase: str = "starting"
+    step: int = 0
+    detail: str = ""
+    changed: bool = False
+    stopped_units: list[str] = field(default_factory=list)
+    reason: str = ""
+    started: float = field(default_factory=time.time)
+    updated: float = field(default_factory=time.time)
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["format"] = FORMAT
+        return data
+
+    @classmethod
+    def from_json(cls, data: object, where: str) -> SwapState:
+        if not isinstance(data, dict):
+            raise StateError(f"{where}: expected a JSON object, got {type(data).__name__}")
+        if data.get("format") != FORMAT:
+            raise StateError(f"{where}: format {data.get('format')!r}, this helper reads format {FORMAT}")
+        try:
+            expected = data["expected_version"]
+            if not isinstance(expected, str):
+                raise StateError(f"{where}: expected_version {expected!r} is not a string")
+            units = data.get("stopped_units", [])
+            if not isinstance(units, list) or not all(isinstance(u, str) for u in units):
+                raise StateError(f"{where}: stopped_units {units!r} is not a list of unit names")
+            return cls(expected, data.get("loaded_version"), _steps(data["load"], f"{where}: load"),
+                       _steps(data["rollback"], f"{where}: rollback"), str(data.get("phase", "")),
+                       int(data.get("step", 0)), str(data.get("detail", "")), bool(data.get("changed", True)),
+                       list(units), str(data.get("reason", "")))
+        except KeyError as e:
+            raise StateError(f"{where}: missing {e.args[0]!r}") from e
+        except (TypeError, ValueError) as e:
+            raise StateError(f"{where}: {e}") from e
+
+
+@dataclass(frozen=True)
+class LoadedRecord:
+    driver_version: str
+    modules: tuple[LoadStep, ...]
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "driver_version": self.driver_version, "modules": [asdict(m) for m in self.modules]}
+
+
+@dataclass(frozen=True)
+class FailedRecord:
+    driver_version: str
+    load: tuple[str, ...]
+    reason: str
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "driver_version": self.driver_version, "load": list(self.load),
+                "reason": self.reason, "time": time.time()}
+
+    def as_failure(self) -> dict:
+        return {"driver_version": self.driver_version, "load": list(self.load), "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class StateDir:
+    path: Path
+
+    def ensure(self) -> None:
+        """Creates the directory (0700, ours); StateError naming the cause when it cannot be used."""
+        try:
+            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            st = os.lstat(self.path)
+        except OSError as e:
+            raise StateError(f"cannot create the state directory {self.path}: {e.strerror}") from e
+        if os.path.islink(self.path) or not os.path.isdir(self.path) or st.st_uid != os.geteuid():
+            raise StateError(f"state directory {self.path} is not a directory owned by us (a symlink?)")
+        try:
+            os.chmod(self.path, 0o700)
+        except OSError as e:
+            raise StateError(f"cannot use the state directory {self.path}: {e.strerror}") from e
+
+    def _read(self, name: str) -> object | None:
+        try:
+            fd = os.open(self.path / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise StateError(f"cannot read {self.path / name}: {e.strerror}") from e
+        with os.fdopen(fd, "rb") as f:
+            raw = f.read()
+        try:
+            return json.loads(raw.decode("utf-8", errors="surrogateescape"))
+        except ValueError as e:
+            raise StateError(f"{self.path / name} is not JSON ({e})") from e
+
+    def write(self, name: str, data: dict) -> None:
+        """Atomically (temp file, fsync, rename, fsync of the directory); OSError when it cannot."""
+        tmp = self.path / f".{name}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path / name)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        dirfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
+
+    def remove(self, name: str) -> None:
+        (self.path / name).unlink(missing_ok=True)
+
+    def exists(self, name: str) -> bool:
+        return os.path.lexists(self.path / name)
+
+    def swap_state(self) -> SwapState | None:
+        data = self._read(STATE_FILE)
+        return None if data is None else SwapState.from_json(data, str(self.path / STATE_FILE))
+
+    def loaded(self) -> LoadedRecord | None:
+        data = self._read(LOADED_RECORD)
+        if data is None:
+            return None
+        where = str(self.path / LOADED_RECORD)
+        # Format 1 (no "format" key) had the same fields; it may be in /run when the helper is upgraded.
+        if not isinstance(data, dict) or data.get("format", 1) not in (1, FORMAT) or not isinstance(data.get("driver_version"), str):
+            raise StateError(f"{where}: not a record this helper reads (format 1 or {FORMAT})")
+        return LoadedRecord(data["driver_version"], _steps(data.get("modules"), where))
+
+    def failed(self) -> FailedRecord | None:
+        data = self._read(FAILED_RECORD)
+        if data is None:
+            return None
+        where = str(self.path / FAILED_RECORD)
+        if (not isinstance(data, dict) or data.get("format", 1) not in (1, FORMAT)
+                or not isinstance(data.get("driver_version"), str)
+                or not isinstance(data.get("load"), list) or not all(isinstance(p, str) for p in data["load"])):
+            raise StateError(f"{where}: not a record this helper reads (format 1 or {FORMAT})")
+        return FailedRecord(data["driver_version"], tuple(data["load"]), str(data.get("reason", "")))
