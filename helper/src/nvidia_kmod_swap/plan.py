@@ -160,7 +160,7 @@ def load_order(infos: dict[str, ModInfo]) -> list[str]:
     return _order({n: set(infos[n].depends) & set(infos) for n in infos}, "dependency")
 
 
-def _allowed(path: Path, prefixes: tuple[str, ...]) -> bool:
+def allowed(path: Path, prefixes: tuple[str, ...]) -> bool:
     text = str(path)
     return any(text.startswith(p) if p.endswith("/") else (text == p or text.startswith(p + "/")) for p in prefixes)
 
@@ -189,7 +189,7 @@ def check_new_module(name: str, candidates: list[Candidate], config: Config, run
     if candidate is None:
         where = ", ".join(f"{d} (missing)" if d in missing_dirs else d for d in config.module_dirs)
         return None, f"{name} is needed but no {name.replace('_', '-')}.ko(.xz/.zst) was found in {where}"
-    if not _allowed(candidate.resolved, config.allowed_prefixes):
+    if not allowed(candidate.resolved, config.allowed_prefixes):
         return None, (f"{candidate.path} resolves to {candidate.resolved}, outside the allowed prefixes "
                       f"{', '.join(config.allowed_prefixes)}")
     if candidate.info is None:
@@ -211,7 +211,7 @@ def find_rollback(name: str, snapshot: Snapshot, candidates: list[Candidate], co
         info = candidate.info
         if info is None or info.kernel_release != snapshot.kernel_release:
             continue
-        if not _allowed(candidate.resolved, config.allowed_prefixes):
+        if not allowed(candidate.resolved, config.allowed_prefixes):
             continue
         if LoadStep.of(info, "").matches(loaded):
             return info

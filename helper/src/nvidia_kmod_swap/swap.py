@@ -16,6 +16,7 @@ import signal
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 from . import devices
@@ -24,7 +25,7 @@ from .effects import EffectError, Effects
 from .facts import make_plan
 from .journal import Reporter
 from .paths import Root
-from .plan import DEFER, NONE, REFUSE, LoadStep, Plan, plan_restore, q, restore_problems
+from .plan import DEFER, NONE, REFUSE, LoadStep, Plan, allowed, plan_restore, q, restore_problems
 from .snapshot import Snapshot, read_snapshot
 from .state import FAILED_RECORD, LOADED_RECORD, STATE_FILE, FailedRecord, LoadedRecord, StateDir, StateError, SwapState
 
@@ -283,7 +284,8 @@ class Swapper:
         of the running driver (the next swap's rollback source); the previous ones are dropped."""
         if not self.config.gc_root_dir:
             return
-        targets = {s.name: os.path.realpath(s.path) for s in load if os.path.realpath(s.path).startswith("/nix/store/")}
+        resolved = {s.name: Path(os.path.realpath(s.path)) for s in load}
+        targets = {n: str(p) for n, p in resolved.items() if allowed(p, self.config.allowed_prefixes)}
         try:
             self.effects.set_gc_roots(self.config.gc_root_dir, targets)
         except (OSError, EffectError) as e:
