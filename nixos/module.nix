@@ -61,6 +61,9 @@ let
     settle_timeout_s = cfg.settleTimeout;
     state_dir = "/run/nvidia-kmod-swap";
     allowed_prefixes = [ "${builtins.storeDir}/" ];
+    # Symlinks below Nix's gcroots that point into the store are GC roots (nix: libstore/gc.cc,
+    # findRoots): the files of the loaded driver, the next swap's rollback source, are kept.
+    gc_root_dir = "/nix/var/nix/gcroots/nvidia-kmod-swap";
   };
 
   # Its store path changes with the driver, so switching generations changes the unit and

@@ -200,8 +200,26 @@ let
       packages = map (p: p.name) (config s).boot.extraModulePackages;
       version = (json s).driver_version;
     };
+  busyStop = on {
+    onBusy = "stop-units";
+    stopUnits = [ "train.service" ];
+    verify = true;
+  } (nvidia { });
 in
 [
+  {
+    # tests/nix-eval/run feeds `configs` to the helper's own validator (rules.validate, which the
+    # fast path shares): a key added on one side only fails there.
+    name = "the module writes a config for each setting";
+    ok = true;
+    configs = map json [
+      base
+      open
+      datacenter
+      standalone
+      busyStop
+    ];
+  }
   {
     name = "2026 proprietary: module_dirs is the generation's module tree, holding nvidia_x11.mod";
     ok = expect [
