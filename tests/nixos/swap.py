@@ -11,6 +11,11 @@ with subtest("a driver bump swaps the modules live and the unit starts"):
     machine.succeed("test \"$(stat -c %t:%T /dev/nvidiactl)\" = c3:ff")
     machine.fail("journalctl -k --grep 'API mismatch'")
 
+with subtest("the loaded driver's files have a GC root (Nix's gcroots: a symlink into the store)"):
+    root = "/nix/var/nix/gcroots/nvidia-kmod-swap/nvidia"
+    target = machine.succeed(f"readlink {root}").strip()
+    assert target == machine.succeed(f"readlink -f $(find -L {tree} -name nvidia.ko)").strip(), target
+
 with subtest("rolling the generation back swaps back"):
     rc, out = switch("base")
     assert rc == 0, out
