@@ -20,7 +20,9 @@ if str(HERE) not in sys.path:
 if importlib.util.find_spec("nvidia_kmod_swap") is None:
     sys.path.insert(0, str(HERE.parents[1] / "helper" / "src"))
 
-from fakesys import FakeSystem, devices  # noqa: E402
+from fakesys import FakeSystem  # noqa: E402
+
+from nvidia_kmod_swap import devices  # noqa: E402
 
 
 @pytest.fixture

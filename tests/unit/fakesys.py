@@ -17,7 +17,6 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nvidia_kmod_swap import devices  # noqa: E402
 from nvidia_kmod_swap.effects import KmodError  # noqa: E402
 from nvidia_kmod_swap.modinfo import read_modinfo  # noqa: E402
 from nvidia_kmod_swap.paths import Root  # noqa: E402

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,7 @@ from fakesys import NEW, OLD, RELEASE, write_driver, write_ko
 
 from nvidia_kmod_swap.config import parse
 from nvidia_kmod_swap.facts import make_plan
-from nvidia_kmod_swap.plan import load_order, unload_order
+from nvidia_kmod_swap.plan import unload_order
 
 
 def plan_for(system, store, new_dir, old_dir=None, **overrides):

@@ -179,8 +179,6 @@ def busy_stop_units(system, store):
 
 def test_stop_units_stops_swaps_and_starts_again(busy_stop_units):
     system, config = busy_stop_units
-    calls = []
-
     def systemctl(args):
         if args[0] == "stop":
             system.release_device(77)

@@ -13,7 +13,7 @@ reloaded from a build in the module dirs, their own version). Modules outside th
 from __future__ import annotations
 
 import graphlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -73,7 +73,6 @@ class Plan:
     prerequisites: tuple[str, ...] = ()   # modules outside the driver that must be loaded by name first
     holders: tuple[Holder, ...] = ()
     stop_units: tuple[str, ...] = ()
-    notes: tuple[str, ...] = field(default=())
 
     @property
     def changes_kernel(self) -> bool:

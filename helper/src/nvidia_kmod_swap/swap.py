@@ -118,7 +118,7 @@ class Swapper:
                         self.reporter.event("step", "another nvidia-kmod-swap run holds the lock; waiting", "notice")
                         waited = True
                     if time.monotonic() > deadline:
-                        raise SwapFailed(f"another run held {self.state.path / LOCK_FILE} for {self.lock_timeout_s:.0f}s")
+                        raise SwapFailed(f"another run held {self.state.path / LOCK_FILE} for {self.lock_timeout_s:.0f}s") from None
                     time.sleep(0.1)
             yield
         finally:
