@@ -4,8 +4,8 @@ is unloaded; the old driver still serves."""
 BOOT = {"driver": "old"}
 
 CASES = {
-    "wrong-kernel": "was built for kernel 6.1.0-99-amd64",
-    "wrong-version": "has version 570.144.01",
+    "wrong-kernel": "was built for kernel '6.1.0-99-amd64'",
+    "wrong-version": "has version '570.144.01'",
     "corrupt": "cannot use",
     "no-uvm": "no nvidia-uvm.ko",
 }
