@@ -133,8 +133,11 @@ def test_rollback_keeps_modules_already_at_the_target(system, store, trees):
     assert effects.calls[3:] == [("load", "nvidia_uvm"), ("load", "nvidia_drm")]
 
 
-@pytest.mark.parametrize("content", ["{not json", json.dumps({"format": 99, "load": [], "rollback": []}),
-                                     json.dumps([1, 2])])
+FUTURE = {"format": 99, "expected_version": NEW, "loaded_version": OLD, "load": [], "rollback": [], "phase": "loading"}
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps(FUTURE), json.dumps([1, 2]),
+                                     json.dumps({"format": 1, "plan": {}, "load": [], "rollback": []})])
 def test_unreadable_state_file_is_refused_not_acted_on(system, store, trees, content, capsys):
     system.load_driver(OLD)
     config = config_for(store, trees)
@@ -313,7 +316,7 @@ def test_first_unload_failure_changed_nothing_and_needs_no_rollback(system, stor
 def test_cmdline_quotes_follow_the_kernel_not_shell():
     from nvidia_kmod_swap.params import parse_cmdline
 
-    line = "BOOT_IMAGE=/k foo=it's nvidia.NVreg_Y=1 bar=x'y nvidia.NVreg_Z=\"a b\" \"nvidia-drm.modeset=1\""
+    line = "BOOT_IMAGE=/k foo=it's nvidia.NVreg_Y=1 bar=x'y nvidia.NVreg_Z=\"a b\" \"nvidia-drm.modeset=1\" nvidia.flag"
     assert parse_cmdline(line) == [("nvidia", "NVreg_Y=1"), ("nvidia", 'NVreg_Z="a b"'), ("nvidia_drm", "modeset=1")]
 
 
@@ -322,6 +325,17 @@ def test_hash_inside_an_options_value_is_kept():
 
     assert parse_modprobe_conf("options nvidia NVreg_RegistryDwords=a#b\n# options nvidia X=1\n") == [
         ("nvidia", "NVreg_RegistryDwords=a#b")]
+
+
+def test_proc_modules_users_column_as_the_kernel_prints_it():
+    """kernel/module/procfs.c print_unload_info: "a,b,", "-" for none, "[permanent]," for a module
+    that cannot be unloaded; none of those is a module name."""
+    from nvidia_kmod_swap.rules import parse_proc_modules
+
+    rows = parse_proc_modules("nvidia 100 2 nvidia_uvm,nvidia_modeset, Live 0x0\nfoo 10 0 - Live 0x0\n"
+                              "bar 10 0 [permanent], Live 0x0\n")
+    assert {n: u for n, (_, u) in rows.items()} == {
+        "nvidia": frozenset({"nvidia_uvm", "nvidia_modeset"}), "foo": frozenset(), "bar": frozenset()}
 
 
 # -- 9. the fast path shares the validator -------------------------------------------------------
