@@ -3,6 +3,7 @@
   lib,
   python3Packages,
   callPackage,
+  kmod,
 }:
 
 python3Packages.buildPythonApplication {
@@ -29,7 +30,12 @@ python3Packages.buildPythonApplication {
     zstandard
   ];
 
-  nativeCheckInputs = [ python3Packages.pytestCheckHook ];
+  # kmod: the tests index fake module trees with the real depmod, whose modules.dep.bin the
+  # helper reads.
+  nativeCheckInputs = [
+    python3Packages.pytestCheckHook
+    kmod
+  ];
   enabledTestPaths = [ "../tests/unit" ];
   pythonImportsCheck = [ "nvidia_kmod_swap" ];
 

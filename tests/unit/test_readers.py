@@ -175,3 +175,46 @@ def test_module_files_walk_when_modules_dep_lacks_the_name_or_is_stale(tmp_path)
     assert ModuleFiles([str(tree)]).get("nvidia_uvm") == [tree / "updates/nvidia-uvm.ko"]
     (tree / "kernel/drivers/video/nvidia.ko").rename(tree / "updates/nvidia.ko")  # the index names a gone file
     assert ModuleFiles([str(tree)]).get("nvidia") == [tree / "updates/nvidia.ko"]
+
+
+def _depmod(tree, release=RELEASE):
+    """Indexes TREE (…/lib/modules/<release>) with the real depmod, as aggregateModules does."""
+    import shutil
+    import subprocess
+
+    depmod = shutil.which("depmod") or shutil.which("depmod", path="/usr/sbin:/sbin")
+    assert depmod, "depmod (kmod) is needed to index a module tree"
+    subprocess.run([depmod, "-b", str(tree.parents[2]), release], check=True, capture_output=True)
+
+
+def test_module_files_come_from_modules_dep_bin_as_modprobe_reads_it(tmp_path, monkeypatch):
+    """kmod's trie (libkmod-index.c): the key is the underscore name whatever the file's spelling,
+    and of two files for one module it holds depmod's choice, the one modprobe loads."""
+    from nvidia_kmod_swap import modinfo
+
+    tree = tmp_path / "lib/modules" / RELEASE
+    write_ko(tree / "kernel/drivers/video", "nvidia", NEW)
+    write_ko(tree / "misc", "nvidia", OLD)
+    (tree / "kernel/arch/x86/crypto").mkdir(parents=True)
+    write_ko(tree / "kernel/arch/x86/crypto", "twofish_x86_64", None, depends=()).rename(
+        tree / "kernel/arch/x86/crypto/twofish-x86_64.ko")  # mixed spelling, as in Debian's kernel
+    _depmod(tree)
+    chosen = (tree / "modules.dep").read_text().split("nvidia.ko")[0].rsplit("\n", 1)[-1] + "nvidia.ko"
+    monkeypatch.setattr(modinfo, "_walk", lambda top: (_ for _ in ()).throw(AssertionError(f"walked {top}")))
+    monkeypatch.setattr(modinfo.DepmodIndex, "read", classmethod(lambda cls, top: None))  # the trie alone
+    files = modinfo.ModuleFiles([str(tree)])
+    assert files.get("nvidia") == [tree / chosen]
+    assert files.get("twofish_x86_64") == [tree / "kernel/arch/x86/crypto/twofish-x86_64.ko"]
+    index = modinfo.DepmodBinIndex.read(str(tree))
+    assert index.get("nvidia_uvm") is None and index.get("nvidi") is None and index.get("nvidiax") is None
+
+
+def test_a_corrupt_modules_dep_bin_falls_back_to_modules_dep(tmp_path):
+    from nvidia_kmod_swap.modinfo import DepmodBinIndex, ModuleFiles
+
+    tree = _depmod_tree(tmp_path)
+    (tree / "modules.dep.bin").write_bytes(b"\xb0\x07\xf4\x57\x00\x09\x00\x01garbage")  # another major version
+    assert DepmodBinIndex.read(str(tree)) is None
+    assert ModuleFiles([str(tree)]).get("nvidia") == [tree / "kernel/drivers/video/nvidia.ko"]
+    (tree / "modules.dep.bin").write_bytes(b"\xb0\x07\xf4\x57\x00\x02\x00\x01\x20\x00\x00\x0c\xff")  # truncated
+    assert ModuleFiles([str(tree)]).get("nvidia") == [tree / "kernel/drivers/video/nvidia.ko"]

@@ -172,6 +172,78 @@ class DepmodIndex:
         return found or None
 
 
+class DepmodBinIndex:
+    """TOP/modules.dep.bin, the trie modprobe itself searches (kmod's libkmod-index.c format:
+    magic 0xB007F457, version 2.x, big-endian u32 offsets whose high nibble says which of prefix,
+    children and values a node has). Mapped, not read: a lookup touches the few nodes on the
+    key's path, so its cost does not grow with the tree. Key: the module name (underscores);
+    value: its modules.dep line, "relative/path.ko: deps" (depmod's choice among duplicates)."""
+
+    MAGIC, MAJOR = 0xB007F457, 2
+    PREFIX, VALUES, CHILDS, MASK = 0x80000000, 0x40000000, 0x20000000, 0x0FFFFFFF
+
+    def __init__(self, data) -> None:
+        self.data = data
+        magic, version, self.root = struct.unpack_from(">III", data, 0)
+        if magic != self.MAGIC or version >> 16 != self.MAJOR:
+            raise ValueError("not a kmod index")
+
+    @classmethod
+    def read(cls, top: str) -> DepmodBinIndex | None:
+        import mmap
+
+        try:
+            with open(os.path.join(top, "modules.dep.bin"), "rb") as f:
+                return cls(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+        except (OSError, ValueError, struct.error):
+            return None
+
+    def _cstr(self, at: int) -> tuple[bytes, int]:
+        end = self.data.find(b"\0", at)
+        if end < 0:
+            raise ValueError("unterminated string")
+        return self.data[at:end], end + 1
+
+    def lookup(self, key: bytes) -> bytes | None:
+        """The first (lowest priority) value of KEY, or None (libkmod-index.c index_search)."""
+        offset, i = self.root, 0
+        while offset & self.MASK:
+            at = offset & self.MASK
+            if offset & self.PREFIX:
+                prefix, at = self._cstr(at)
+                if key[i:i + len(prefix)] != prefix:
+                    return None
+                i += len(prefix)
+            first = last = None
+            if offset & self.CHILDS:
+                first, last = self.data[at], self.data[at + 1]
+                children_at, at = at + 2, at + 2 + 4 * (last - first + 1)
+            if i == len(key):
+                if not offset & self.VALUES:
+                    return None
+                (count,) = struct.unpack_from(">I", self.data, at)
+                at += 4
+                values = []
+                for _ in range(count):
+                    (priority,) = struct.unpack_from(">I", self.data, at)
+                    value, at = self._cstr(at + 4)
+                    values.append((priority, value))
+                return min(values)[1] if values else None
+            if first is None or not first <= key[i] <= last:
+                return None
+            (offset,) = struct.unpack_from(">I", self.data, children_at + 4 * (key[i] - first))
+            i += 1
+        return None
+
+    def get(self, name: str) -> list[str] | None:
+        """Path relative to the tree of module NAME's file, as a one-element list, or None."""
+        try:
+            line = self.lookup(os.fsencode(name.replace("-", "_")))
+        except (ValueError, struct.error, IndexError):
+            return None
+        return None if line is None else [os.fsdecode(line.split(b":", 1)[0])]
+
+
 def _walk(top: str) -> dict[str, list[Path]]:
     found: dict[str, list[Path]] = {}
     for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
@@ -185,13 +257,14 @@ def _walk(top: str) -> dict[str, list[Path]]:
 
 class ModuleFiles:
     """Kernel name -> module files below some directories, in the order of the directories, looked
-    up by name. Per directory: its modules.dep when it has one and the files it names exist; a name
-    the index lacks (a file added without depmod), a stale index or a directory without one is
-    walked, once. Nothing is parsed here. over() shares the caches with other directories."""
+    up by name. Per directory: modprobe's own index (modules.dep.bin) when it has one, else
+    modules.dep, when the files it names exist; a name the index lacks (a file added without
+    depmod), a stale index or a directory without one is walked, once. Nothing is parsed here.
+    over() shares the caches with other directories."""
 
     def __init__(self, dirs: list[str] | tuple[str, ...]) -> None:
         self.dirs = list(dirs)
-        self._indexes: dict[str, DepmodIndex | None] = {}
+        self._indexes: dict[str, DepmodBinIndex | DepmodIndex | None] = {}
         self._walks: dict[str, dict[str, list[Path]]] = {}
 
     def _walked(self, top: str) -> dict[str, list[Path]]:
@@ -206,8 +279,8 @@ class ModuleFiles:
         """(module directory, file) for each file of NAME, in the order of the directories."""
         found: list[tuple[str, Path]] = []
         for top in self.dirs:
-            if top not in self._indexes:
-                self._indexes[top] = DepmodIndex.read(top)
+            if top not in self._indexes:  # modprobe's trie when there is one, else the text index
+                self._indexes[top] = DepmodBinIndex.read(top) or DepmodIndex.read(top)
             index = self._indexes[top]
             relative = index.get(name) if index is not None else None
             hits = [Path(top) / r for r in relative] if relative is not None else None
