@@ -88,8 +88,9 @@ class Swapper:
             try:
                 pending = self.state.swap_state()
             except StateError as e:
+                snapshot = read_snapshot(self.root)
                 self.reporter.event("rollback-failed", f"refusing to act: {e}. A swap may have been interrupted; "
-                                    f"the loaded modules are {describe_loaded(read_snapshot(self.root), read_snapshot(self.root).family())}. "
+                                    f"the loaded modules are {describe_loaded(snapshot, snapshot.family())}. "
                                     f"Check them (nvidia-kmod-swap status), then remove {self.state.path / STATE_FILE}",
                                     "crit", reason=str(e))
                 return EXIT_ROLLBACK_FAILED
