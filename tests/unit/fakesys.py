@@ -137,9 +137,12 @@ class FakeSystem:
         self.sync()
 
     def udev_add(self, module: str) -> None:
+        """NixOS's 60-nvidia.rules (nixos/modules/hardware/video/nvidia.nix) run a plain `mknod` on
+        the module's add event: it fails with EEXIST when a node is there, so a stale node stays
+        unless it was removed first."""
         if module == "nvidia_uvm":
-            self.nodes["/dev/nvidia-uvm"] = (self.uvm_major, 0)
-            self.nodes["/dev/nvidia-uvm-tools"] = (self.uvm_major, 1)
+            self.nodes.setdefault("/dev/nvidia-uvm", (self.uvm_major, 0))
+            self.nodes.setdefault("/dev/nvidia-uvm-tools", (self.uvm_major, 1))
 
     def load_driver(self, version: str, names=("nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm")) -> None:
         for name in names:

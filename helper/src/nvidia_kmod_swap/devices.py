@@ -101,15 +101,21 @@ def wait_for_nodes(root: Root, loaded: set[str], timeout: float, effects: Effect
         else:
             if not expected:
                 expected = expected_nodes(root, loaded)
+            stale: dict[str, list[str]] = {}
             for node in expected:
                 problem = node_problem(root, node)
                 if problem is None:
                     continue
                 problems.append(problem)
                 if "registered" in problem and node.module not in replayed:
-                    effects.remove_node(node.path)
-                    effects.replay_add(node.module)
-                    replayed.add(node.module)
+                    stale.setdefault(node.module, []).append(node.path)
+            # Every stale node of a module goes before its add event is replayed: the rules run a
+            # plain mknod per node, which fails (EEXIST) on any node still there.
+            for module, paths in stale.items():
+                for path in paths:
+                    effects.remove_node(path)
+                effects.replay_add(module)
+                replayed.add(module)
             if not problems:
                 return []
         if time.monotonic() >= deadline:
