@@ -343,3 +343,27 @@ def test_softdep_parsing():
 
     text = "# comment\nsoftdep nvidia post: nvidia_uvm\nsoftdep nvidia-drm pre: \\\n  drm post: x\nblacklist nouveau\n"
     assert parse_softdeps(text) == [("nvidia", ["nvidia_uvm"]), ("nvidia_drm", ["drm", "x"])]
+
+
+def test_direction_follows_version_order_not_string_order():
+    from nvidia_kmod_swap.plan import direction
+
+    assert direction("570.86.16", "570.133.07") == "upgrade"  # as strings, "570.86" > "570.133"
+    assert direction("570.133.07", "570.86.16") == "downgrade"
+    assert direction(None, "570.133.07") == "install"
+    with pytest.raises(ValueError, match="'latest' is not a version number"):
+        direction("570.86.16", "latest")
+
+
+def test_a_rollback_generation_is_planned_as_a_downgrade(system, store, trees):
+    system.load_driver(NEW)
+    plan = plan_for(system, store, trees[0], trees[1], driver_version=OLD)
+    assert plan.direction == "downgrade" and plan.reason.startswith("downgrade NVIDIA driver 570.133.07 -> 570.124.04")
+
+
+def test_a_malformed_version_is_refused_with_a_clear_message(system, store, trees):
+    system.load_driver(OLD)
+    system.modules["nvidia"].version = "570.124.04-custom"
+    system.sync()
+    plan = plan_for(system, store, trees[1], trees[0])
+    assert plan.action == "refuse" and "'570.124.04-custom' is not a version number" in plan.reason

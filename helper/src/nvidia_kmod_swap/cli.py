@@ -176,12 +176,20 @@ def _status(root, config, as_json: bool) -> int:
         "gpu_holders": [h.__dict__ for h in find_holders(root)] if family else [],
         "interrupted_swap": _pending(root, config),
     }
+    from .plan import direction
+
+    loaded = data["loaded_version"]
+    try:
+        data["change"] = "" if loaded == config.driver_version else direction(loaded, config.driver_version)
+    except ValueError as e:
+        data["change"] = f"unknown: {e}"
     if as_json:
         print(json.dumps(data, indent=2))
         return 0
     print(f"expected driver: {data['expected_version']} (for kernel {data['config_kernel']})")
     print(f"running kernel:  {data['running_kernel']}")
-    print(f"loaded driver:   {data['loaded_version'] or 'none'}")
+    print(f"loaded driver:   {data['loaded_version'] or 'none'}"
+          + (f" (pending: {data['change']} to {data['expected_version']})" if data["change"] else ""))
     for m in data["modules"]:
         print(f"  {m['name']:<16} {m['version'] or '-':<12} refcount {m['refcnt']:<3} held by {', '.join(m['holders']) or '-'}")
     for h in data["gpu_holders"]:

@@ -73,6 +73,7 @@ class Plan:
     prerequisites: tuple[str, ...] = ()   # modules outside the driver that must be loaded by name first
     holders: tuple[Holder, ...] = ()
     stop_units: tuple[str, ...] = ()
+    direction: str = ""  # install, upgrade, downgrade (a rollback generation) or "" (no change)
 
     @property
     def changes_kernel(self) -> bool:
@@ -89,6 +90,27 @@ class Plan:
 def q(value: object) -> str:
     """A value read from a file, quoted so that stray bytes and newlines show."""
     return repr(value)
+
+
+def direction(loaded: str | None, expected: str) -> str:
+    """install (nothing loaded), upgrade or downgrade, by PEP 440 ordering (packaging), which
+    orders NVIDIA's N.N.N releases numerically (570.133.07 > 570.86.16). ValueError naming the
+    version that is not one: such a driver is refused rather than guessed at."""
+    from packaging.version import InvalidVersion, Version
+
+    def parse(what: str, value: str) -> Version:
+        try:
+            if value != value.strip():
+                raise InvalidVersion(value)
+            return Version(value)
+        except InvalidVersion:
+            raise ValueError(f"the {what} version {q(value)} is not a version number") from None
+
+    new = parse("profile's driver", expected)
+    if loaded is None:
+        return "install"
+    old = parse("loaded driver", loaded)
+    return "upgrade" if new > old else "downgrade" if new < old else "reinstall"
 
 
 def _base(snapshot: Snapshot, config: Config) -> dict:
@@ -125,6 +147,10 @@ def triage(snapshot: Snapshot, config: Config, foreign: Iterable[str] = ()) -> P
         reason = (f"{what}, the profile has {config.driver_version} built for kernel {config.kernel_release}, "
                   f"but kernel {snapshot.kernel_release} is running: a reboot is required")
         return Plan(DEFER if config.on_kernel_change == "defer" else REFUSE, reason, **base)
+    try:
+        direction(base["loaded_version"], config.driver_version)
+    except ValueError as e:
+        return Plan(REFUSE, f"{e}; nothing was changed", **base)
     if snapshot.modules_disabled:
         return Plan(REFUSE, (f"{what} and the profile has {config.driver_version}, but module loading is "
                              f"disabled (/proc/sys/kernel/modules_disabled = 1; NixOS "
@@ -287,8 +313,12 @@ def plan_change(snapshot: Snapshot, config: Config, new: Inventory, old: Invento
     load = tuple(LoadStep.of(infos[n], params.get(n, "")) for n in load_order(infos))
     unload = tuple(unload_order(snapshot, family))
     loaded = base["loaded_version"]
-    change = (f"swap NVIDIA driver {loaded} -> {config.driver_version}" if action == SWAP
-              else f"load NVIDIA driver {config.driver_version}")
+    how = direction(loaded, config.driver_version)
+    change = {"install": f"load NVIDIA driver {config.driver_version}",
+              "downgrade": f"downgrade NVIDIA driver {loaded} -> {config.driver_version} (an older generation)"}.get(
+                  how, f"{how} NVIDIA driver {loaded} -> {config.driver_version}")
+    if action == LOAD:
+        change = f"load NVIDIA driver {config.driver_version}"
 
     if action == SWAP:
         procs = holders
@@ -303,17 +333,18 @@ def plan_change(snapshot: Snapshot, config: Config, new: Inventory, old: Invento
             if stoppable:
                 return Plan(SWAP, f"{change}, stopping {', '.join(units)} which hold the GPU",
                             unload=unload, load=load, rollback=tuple(rollback), prerequisites=tuple(prerequisites),
-                            holders=tuple(procs), stop_units=tuple(units), **base)
+                            holders=tuple(procs), stop_units=tuple(units), direction=how, **base)
             reason = f"cannot {change}: the GPU is in use: {'; '.join(who)}"
             if config.on_busy == "stop-units":
                 outside = sorted({h.unit or f'pid {h.pid}' for h in procs if h.unit not in config.stop_units})
                 reason += f" ({', '.join(outside) or 'kernel users'} not in stop_units)"
             if config.on_busy == "fail":
-                return Plan(REFUSE, reason, holders=tuple(procs), **base)
-            return Plan(DEFER, reason + ". The loaded driver stays until they stop", holders=tuple(procs), **base)
+                return Plan(REFUSE, reason, holders=tuple(procs), direction=how, **base)
+            return Plan(DEFER, reason + ". The loaded driver stays until they stop", holders=tuple(procs),
+                        direction=how, **base)
 
     return Plan(action, change, unload=unload, load=load, rollback=tuple(rollback),
-                prerequisites=tuple(prerequisites), **base)
+                prerequisites=tuple(prerequisites), direction=how, **base)
 
 
 @dataclass(frozen=True)

@@ -163,7 +163,8 @@ class Swapper:
 
     # -- executing a plan ------------------------------------------------------------------------
     def _execute(self, plan: Plan) -> int:
-        fields = dict(action=plan.action, loaded_version=plan.loaded_version, expected_version=plan.expected_version)
+        fields = dict(action=plan.action, loaded_version=plan.loaded_version, expected_version=plan.expected_version,
+                      direction=plan.direction)
         if plan.action == NONE:
             self.reporter.event("noop", plan.reason, **fields)
             return EXIT_OK
@@ -270,9 +271,9 @@ class Swapper:
         self._finish(plan.load, plan.expected_version)
         self.state.remove(FAILED_RECORD)
         self.reporter.event("swapped", f"NVIDIA driver {plan.expected_version} loaded"
-                            + (f" (was {plan.loaded_version})" if plan.loaded_version else ""), "notice",
+                            + (f" ({plan.direction} from {plan.loaded_version})" if plan.loaded_version else ""), "notice",
                             modules=[s.name for s in plan.load], loaded_version=plan.expected_version,
-                            previous_version=plan.loaded_version)
+                            previous_version=plan.loaded_version, direction=plan.direction)
         return EXIT_OK
 
     def _finish(self, load: tuple[LoadStep, ...], version: str) -> None:

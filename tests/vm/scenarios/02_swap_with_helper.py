@@ -27,5 +27,5 @@ def test(machine, bed):
     # The persistence daemon holds the new driver open.
     assert int(machine.succeed("cat /sys/module/nvidia/refcnt")) > 3
     journal = machine.journal("-u nvidia-persistenced")
-    assert f"NVIDIA driver {new} loaded (was {old})" in journal, journal
+    assert f"NVIDIA driver {new} loaded (upgrade from {old})" in journal, journal
     assert machine.unit_property("nvidia-persistenced.service", "NRestarts") == "0"
