@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from fakesys import NEW, OLD, RELEASE, write_ko
@@ -218,3 +219,29 @@ def test_a_corrupt_modules_dep_bin_falls_back_to_modules_dep(tmp_path):
     assert ModuleFiles([str(tree)]).get("nvidia") == [tree / "kernel/drivers/video/nvidia.ko"]
     (tree / "modules.dep.bin").write_bytes(b"\xb0\x07\xf4\x57\x00\x02\x00\x01\x20\x00\x00\x0c\xff")  # truncated
     assert ModuleFiles([str(tree)]).get("nvidia") == [tree / "kernel/drivers/video/nvidia.ko"]
+
+
+def test_udev_watch_waits_for_processed_add_events_only():
+    """pyudev's Monitor.poll (pyudev/monitor.py): the next Device, or None when the timeout ran out."""
+    import time
+
+    from nvidia_kmod_swap.devices import UdevWatch
+    from nvidia_kmod_swap.paths import Root
+
+    class Event:
+        def __init__(self, action, name):
+            self.action, self.sys_name = action, name
+
+    class Monitor:
+        def __init__(self, events):
+            self.events = list(events)
+
+        def poll(self, timeout=None):
+            return self.events.pop(0) if self.events else None
+
+    watch = UdevWatch(Root(Path("/nonexistent")))  # not the live root: no monitor, nothing to wait for
+    assert watch.monitor is None and watch.wait_added({"nvidia"}, time.monotonic() + 1) == {"nvidia"}
+    watch.monitor = Monitor([Event("remove", "nvidia"), Event("add", "nvidia_modeset"), Event("add", "nvidia")])
+    assert watch.wait_added({"nvidia", "nvidia_modeset"}, time.monotonic() + 1) == set()
+    watch.monitor = Monitor([Event("add", "nvidia_drm")])
+    assert watch.wait_added({"nvidia_uvm"}, time.monotonic() + 1) == {"nvidia_uvm"}  # timed out

@@ -4,6 +4,12 @@ NixOS's udev rules mknod /dev/nvidia* when the module's "add" uevent is processe
 outlive an unload, so "the node exists" proves nothing: each node must have the device number the
 loaded driver registered (nvidia-uvm's major is dynamic and may change across a reload). A stale node
 is removed and the module's add event replayed so that the rules make it again.
+
+Waiting: a UdevWatch (pyudev's Monitor on udev's netlink source, subscribed *before* the modules
+are loaded, so that no event is missed) is told by udev when it has processed each module's add
+event, i.e. after its RUN rules (the mknod) ran. Where there is no udev to listen to (no
+/run/udev/control: a container, the test trees of the unit tests), or pyudev is missing, it
+falls back to polling /run/udev/queue and the nodes every 20 ms.
 """
 
 from __future__ import annotations
@@ -86,10 +92,52 @@ def udev_busy(root: Root) -> bool:
     return root("/run/udev/queue").exists()
 
 
-def wait_for_nodes(root: Root, loaded: set[str], timeout: float, effects: Effects, poll: float = 0.02) -> list[str]:
+NODE_MODULES = ("nvidia", "nvidia_modeset", "nvidia_uvm")  # the modules whose add event makes nodes
+
+
+class UdevWatch:
+    """udev's processed "add" events of kernel modules, from the moment it is made."""
+
+    def __init__(self, root: Root) -> None:
+        self.monitor = None
+        self.seen: set[str] = set()
+        if not root.is_live or not os.path.exists("/run/udev/control"):
+            return  # no udevd here: wait_for_nodes polls
+        try:
+            import pyudev
+
+            monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source="udev")
+            monitor.filter_by(subsystem="module")
+            monitor.start()
+            self.monitor = monitor
+        except (ImportError, OSError, ValueError):
+            self.monitor = None
+
+    def wait_added(self, modules: set[str], deadline: float) -> set[str]:
+        """Waits until udev has processed the add event of each of MODULES (or DEADLINE);
+        returns those it has not seen."""
+        missing = set(modules) - self.seen
+        while self.monitor is not None and missing:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            device = self.monitor.poll(timeout=left)
+            if device is None:
+                break
+            if device.action == "add":
+                self.seen.add(device.sys_name)
+                missing.discard(device.sys_name)
+        return missing
+
+
+def wait_for_nodes(root: Root, loaded: set[str], timeout: float, effects: Effects, poll: float = 0.02,
+                   watch: UdevWatch | None = None, loaded_now: set[str] = frozenset()) -> list[str]:
     """Waits until udev has settled and every expected node is right; returns what is still wrong.
+    LOADED_NOW: modules loaded since WATCH was made, whose processed add events it waits for first.
     A node with another device number is removed and its module's add event replayed (EFFECTS)."""
     deadline = time.monotonic() + timeout
+    if watch is not None:
+        watch.wait_added(set(loaded_now) & set(NODE_MODULES), deadline)
     replayed: set[str] = set()
     # What the loaded driver registered does not change while we wait: read it once, not per poll
     # (with 32 GPUs that is 33 files under /proc, and polls are 20 ms apart).

@@ -246,12 +246,13 @@ class Swapper:
                 self._record_step(swap, "unloading", f"unload {name} {plan.loaded_version or ''}".strip())
                 self.effects.unload(name)
                 swap.changed = True
+            watch = devices.UdevWatch(self.root)  # before the loads: their udev events are not missed
             for step in plan.load:
                 self._record_step(swap, "loading", f"load {step.path} {step.params}".strip())
                 self.effects.load(step.path, step.params)
                 swap.changed = True
             self._record_step(swap, "verifying", "verify versions, device nodes and the verify command")
-            self._verify(plan.load, plan.expected_version)
+            self._verify(plan.load, plan.expected_version, watch)
         except Exception as e:  # any failure after the first change is rolled back, whatever it was
             reason = str(e) or type(e).__name__
             if not swap.changed:
@@ -293,12 +294,13 @@ class Swapper:
         except (OSError, EffectError) as e:
             self.reporter.event("step", f"could not update the GC roots in {self.config.gc_root_dir}: {e}", "warning")
 
-    def _verify(self, load: tuple[LoadStep, ...], expected: str) -> None:
+    def _verify(self, load: tuple[LoadStep, ...], expected: str, watch: devices.UdevWatch | None = None) -> None:
         snapshot = read_snapshot(self.root)
         problems = restore_problems(snapshot, load)
         if problems:
             raise SwapFailed("after loading, sysfs shows: " + "; ".join(problems))
-        nodes = devices.wait_for_nodes(self.root, set(snapshot.modules), self.config.settle_timeout_s, self.effects)
+        nodes = devices.wait_for_nodes(self.root, set(snapshot.modules), self.config.settle_timeout_s, self.effects,
+                                       watch=watch, loaded_now={s.name for s in load})
         if nodes:
             raise SwapFailed(f"device nodes not ready after {self.config.settle_timeout_s:.0f}s: {'; '.join(nodes)}")
         if self.config.verify_command:
@@ -334,6 +336,7 @@ class Swapper:
             return self._rollback_failed(swap, reason, snapshot, (
                 f"{', '.join(restore.blocked)} cannot be unloaded (references that are not modules: an open "
                 f"/dev/nvidia* or another driver); nothing more was unloaded"))
+        watch = devices.UdevWatch(self.root)
         try:
             for name in restore.unload:
                 self.effects.unload(name)
@@ -346,7 +349,8 @@ class Swapper:
         if problems:
             return self._rollback_failed(swap, reason, after, "; ".join(problems))
         if target:
-            nodes = devices.wait_for_nodes(self.root, set(after.modules), self.config.settle_timeout_s, self.effects)
+            nodes = devices.wait_for_nodes(self.root, set(after.modules), self.config.settle_timeout_s, self.effects,
+                                           watch=watch, loaded_now={s.name for s in restore.load})
             if nodes:
                 return self._rollback_failed(swap, reason, after, "device nodes: " + "; ".join(nodes))
         self.state.remove(STATE_FILE)
