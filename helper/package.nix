@@ -1,16 +1,14 @@
 # The helper as a Nix package; its unit tests run in the build, its NixOS tests hang off passthru.
 {
   lib,
+  python3,
   python3Packages,
   callPackage,
+  runCommand,
   kmod,
 }:
 
-python3Packages.buildPythonApplication {
-  pname = "nvidia-kmod-swap";
-  version = "0.1.0";
-  pyproject = true;
-
+let
   # The unit tests live beside the package, in tests/unit.
   src = lib.fileset.toSource {
     root = ../.;
@@ -20,6 +18,24 @@ python3Packages.buildPythonApplication {
       ../tests/unit
     ];
   };
+  # As nixos-rebuild-ng's passthru.tests.linters (pkgs/by-name/ni/nixos-rebuild-ng/package.nix):
+  # the linters and the helper's dependencies, so that strict mypy sees their types.
+  python-with-linters = python3.withPackages (
+    ps: with ps; [
+      mypy
+      ruff
+      pyudev
+      packaging
+      zstandard
+    ]
+  );
+in
+python3Packages.buildPythonApplication {
+  pname = "nvidia-kmod-swap";
+  version = "0.1.0";
+  pyproject = true;
+
+  inherit src;
   sourceRoot = "source/helper";
 
   build-system = [ python3Packages.setuptools ];
@@ -39,8 +55,17 @@ python3Packages.buildPythonApplication {
   enabledTestPaths = [ "../tests/unit" ];
   pythonImportsCheck = [ "nvidia_kmod_swap" ];
 
-  # An attrset of NixOS VM tests (derivations), `import`ed: see tests/nixos/default.nix.
-  passthru.tests = import ../tests/nixos { inherit callPackage; };
+  # An attrset of derivations: the NixOS VM tests (`import`ed: see tests/nixos/default.nix) and
+  # the linters (settings in pyproject.toml), kept out of the build to keep its closure small.
+  passthru.tests = import ../tests/nixos { inherit callPackage; } // {
+    linters = runCommand "nvidia-kmod-swap-linters" { nativeBuildInputs = [ python-with-linters ]; } ''
+      export RUFF_CACHE_DIR="$(mktemp -d)"
+      ruff check --config ${src}/helper/pyproject.toml ${src}/helper/src ${src}/tests/unit
+      cd ${src}/helper
+      mypy --cache-dir=/dev/null
+      touch $out
+    '';
+  };
 
   meta = {
     description = "Swap loaded NVIDIA kernel modules for the system profile's driver, live";

@@ -110,7 +110,7 @@ def slope(points: dict[int, float]) -> float:
     """Least-squares ms per GPU."""
     xs, ys = list(points), list(points.values())
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    return round(sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs), 3)
+    return round(sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs), 3)
 
 
 def main() -> int:

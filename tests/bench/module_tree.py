@@ -31,7 +31,6 @@ sys.path.insert(0, str(REPO / "helper/src"))
 sys.path.insert(0, str(REPO / "tests/unit"))
 
 from fakesys import NEW, OLD, FakeSystem, write_ko  # noqa: E402
-
 from nvidia_kmod_swap import facts  # noqa: E402
 from nvidia_kmod_swap.config import parse  # noqa: E402
 from nvidia_kmod_swap.modinfo import _walk as walk_tree  # noqa: E402  (every file, as before)
@@ -132,7 +131,7 @@ def main() -> None:
                          "rollback_dirs": [str(sized["old"])], "modules": list(DRIVER),
                          "allowed_prefixes": [str(store) + "/"]})
             assert facts.make_plan(system.root, cfg).action == "swap"
-            by_size[count] = round(timed(lambda: facts.make_plan(system.root, cfg), args.runs) * 1000, 1)
+            by_size[count] = round(timed(lambda cfg=cfg: facts.make_plan(system.root, cfg), args.runs) * 1000, 1)
         by_size[files] = round(plan_s * 1000, 1)
     print(json.dumps({
         "kernel": abi,

@@ -615,6 +615,7 @@ in
         got = builtins.attrNames outputs.checks.x86_64-linux;
         want = [
           "busy-defer"
+          "linters"
           "module-eval"
           "package"
           "rollback"

@@ -21,7 +21,6 @@ if importlib.util.find_spec("nvidia_kmod_swap") is None:
     sys.path.insert(0, str(HERE.parents[1] / "helper" / "src"))
 
 from fakesys import FakeSystem  # noqa: E402
-
 from nvidia_kmod_swap import devices  # noqa: E402
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from fakesys import NEW, OLD, FakeEffects, make_config, write_config, write_driver
 
+from fakesys import NEW, OLD, FakeEffects, make_config, write_config, write_driver
 from nvidia_kmod_swap.cli import main
 
 

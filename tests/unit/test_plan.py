@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from fakesys import NEW, OLD, RELEASE, write_driver, write_ko
 
+from fakesys import NEW, OLD, RELEASE, write_driver, write_ko
 from nvidia_kmod_swap.config import parse
 from nvidia_kmod_swap.facts import make_plan
 from nvidia_kmod_swap.plan import unload_order

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from fakesys import NEW, OLD, make_config, write_config, write_driver
 
+from fakesys import NEW, OLD, make_config, write_config, write_driver
 from nvidia_kmod_swap.quick import try_noop
 
 SRC = str(Path(__file__).resolve().parents[2] / "helper" / "src")
@@ -59,8 +59,8 @@ def test_hands_over_whenever_unsure(current, tmp_path):
 
 def test_imports_nothing_heavy(current):
     system, config = current
-    code = ("import sys; from nvidia_kmod_swap.cli import main; rc = main(%r); "
+    code = (f"import sys; from nvidia_kmod_swap.cli import main; rc = main({args(system, config, 'swap')!r}); "
             "heavy = [m for m in ('argparse', 'dataclasses', 'nvidia_kmod_swap.plan', 'nvidia_kmod_swap.swap', "
-            "'systemd', 'pyudev', 'zstandard') if m in sys.modules]; print(rc, heavy)") % args(system, config, "swap")
+            "'systemd', 'pyudev', 'zstandard', 'packaging') if m in sys.modules]; print(rc, heavy)")
     out = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": SRC}, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "0 []", out

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from fakesys import NEW, OLD, RELEASE, write_ko
 
+from fakesys import NEW, OLD, RELEASE, write_ko
 from nvidia_kmod_swap import config as config_mod
 from nvidia_kmod_swap import params
 from nvidia_kmod_swap.holders import find_holders, unit_of

@@ -9,8 +9,8 @@ import os
 import signal
 
 import pytest
-from fakesys import NEW, OLD, RELEASE, FakeEffects, make_config, write_config, write_driver, write_ko
 
+from fakesys import NEW, OLD, RELEASE, FakeEffects, make_config, write_config, write_driver, write_ko
 from nvidia_kmod_swap.cli import main
 from nvidia_kmod_swap.config import parse
 from nvidia_kmod_swap.facts import make_plan

@@ -9,12 +9,19 @@ import threading
 import time
 
 import pytest
-from fakesys import NEW, OLD, Crash, FakeEffects, make_config, write_driver
 
+from fakesys import NEW, OLD, Crash, FakeEffects, make_config, write_driver
 from nvidia_kmod_swap.config import parse
 from nvidia_kmod_swap.journal import Reporter
-from nvidia_kmod_swap.swap import (EXIT_DEFERRED, EXIT_OK, EXIT_REFUSED, EXIT_ROLLBACK_FAILED, EXIT_ROLLED_BACK,
-                                   STATE_FILE, Swapper)
+from nvidia_kmod_swap.swap import (
+    EXIT_DEFERRED,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_ROLLBACK_FAILED,
+    EXIT_ROLLED_BACK,
+    STATE_FILE,
+    Swapper,
+)
 
 FULL = {"nvidia": NEW, "nvidia_drm": NEW, "nvidia_modeset": NEW, "nvidia_uvm": NEW}
 BEFORE = {"nvidia": OLD, "nvidia_drm": OLD, "nvidia_modeset": OLD, "nvidia_uvm": OLD}

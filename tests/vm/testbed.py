@@ -269,7 +269,7 @@ class Machine:
                 return
             except TimeoutError:
                 if time.monotonic() > deadline:
-                    raise GuestError(f"guest agent did not answer within {timeout}s; console: {self.console_log}")
+                    raise GuestError(f"guest agent did not answer within {timeout}s; console: {self.console_log}") from None
 
     def shutdown(self) -> None:
         if self.sock:
@@ -308,7 +308,7 @@ class Machine:
             self.sock.settimeout(min(remaining, 1.0))
             try:
                 chunk = self.sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             if not chunk:
                 self._check_alive()

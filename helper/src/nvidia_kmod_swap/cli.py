@@ -8,8 +8,17 @@ Run by systemd before nvidia-persistenced starts:
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 from .quick import STATE_FILE, try_noop
+
+if TYPE_CHECKING:  # annotations only: the no-op path imports nothing more
+    import argparse
+
+    from .config import Config
+    from .effects import Effects
+    from .journal import Reporter
+    from .paths import Root
 
 EXIT_CONFIG = 255
 EXIT_BROKEN = 255  # an unexpected error: never 1, which would make ExecCondition= skip the unit
@@ -25,7 +34,7 @@ SYSLOG_IDENTIFIER=nvidia-kmod-swap) with its reason, versions, modules and GPU h
 """
 
 
-def _parser():
+def _parser() -> argparse.ArgumentParser:
     import argparse
     from pathlib import Path
 
@@ -52,7 +61,7 @@ def _parser():
     return parser
 
 
-def main(argv: list[str] | None = None, effects=None) -> int:
+def main(argv: list[str] | None = None, effects: Effects | None = None) -> int:
     # Versions match (every start of nvidia-persistenced): answer before importing the rest.
     code = try_noop(sys.argv[1:] if argv is None else argv)
     if code is not None:
@@ -87,13 +96,13 @@ def main(argv: list[str] | None = None, effects=None) -> int:
         return EXIT_BROKEN
 
 
-def _pending(root, config) -> bool:
+def _pending(root: Root, config: Config) -> bool:
     import os
 
     return os.path.lexists(root(config.state_dir) / STATE_FILE)
 
 
-def _check(root, config, reporter) -> int:
+def _check(root: Root, config: Config, reporter: Reporter) -> int:
     from .facts import make_plan
     from .plan import DEFER, REFUSE
     from .state import StateError
@@ -117,7 +126,7 @@ def _check(root, config, reporter) -> int:
     return 0
 
 
-def _swap(root, config, reporter, effects, retry: bool = False) -> int:
+def _swap(root: Root, config: Config, reporter: Reporter, effects: Effects | None, retry: bool = False) -> int:
     from .state import StateError
     from .swap import EXIT_REFUSED, SwapFailed, Swapper
 
@@ -135,7 +144,7 @@ def _swap(root, config, reporter, effects, retry: bool = False) -> int:
         return EXIT_REFUSED
 
 
-def _plan(root, config, as_json: bool) -> int:
+def _plan(root: Root, config: Config, as_json: bool) -> int:
     import json
 
     from .facts import make_plan
@@ -158,43 +167,45 @@ def _plan(root, config, as_json: bool) -> int:
     return 0
 
 
-def _status(root, config, as_json: bool) -> int:
+def _status(root: Root, config: Config, as_json: bool) -> int:
     import json
+    from dataclasses import asdict
 
     from .holders import find_holders
+    from .plan import direction
     from .snapshot import read_snapshot
 
     snapshot = read_snapshot(root)
     family = snapshot.family()
-    data = {
-        "running_kernel": snapshot.kernel_release,
-        "config_kernel": config.kernel_release,
-        "expected_version": config.driver_version,
-        "loaded_version": snapshot.version("nvidia"),
-        "modules": [{"name": n, "version": snapshot.modules[n].version, "refcnt": snapshot.modules[n].refcnt,
-                     "holders": sorted(snapshot.modules[n].holders)} for n in family],
-        "gpu_holders": [h.__dict__ for h in find_holders(root)] if family else [],
-        "interrupted_swap": _pending(root, config),
-    }
-    from .plan import direction
-
-    loaded = data["loaded_version"]
+    loaded = snapshot.version("nvidia")
     try:
-        data["change"] = "" if loaded == config.driver_version else direction(loaded, config.driver_version)
+        change = "" if loaded == config.driver_version else direction(loaded, config.driver_version)
     except ValueError as e:
-        data["change"] = f"unknown: {e}"
+        change = f"unknown: {e}"
+    modules = [snapshot.modules[n] for n in family]
+    holders = find_holders(root) if family else []
+    pending = _pending(root, config)
     if as_json:
-        print(json.dumps(data, indent=2))
+        print(json.dumps({
+            "running_kernel": snapshot.kernel_release,
+            "config_kernel": config.kernel_release,
+            "expected_version": config.driver_version,
+            "loaded_version": loaded,
+            "change": change,
+            "modules": [{"name": m.name, "version": m.version, "refcnt": m.refcnt, "holders": sorted(m.holders)}
+                        for m in modules],
+            "gpu_holders": [asdict(h) for h in holders],
+            "interrupted_swap": pending,
+        }, indent=2))
         return 0
-    print(f"expected driver: {data['expected_version']} (for kernel {data['config_kernel']})")
-    print(f"running kernel:  {data['running_kernel']}")
-    print(f"loaded driver:   {data['loaded_version'] or 'none'}"
-          + (f" (pending: {data['change']} to {data['expected_version']})" if data["change"] else ""))
-    for m in data["modules"]:
-        print(f"  {m['name']:<16} {m['version'] or '-':<12} refcount {m['refcnt']:<3} held by {', '.join(m['holders']) or '-'}")
-    for h in data["gpu_holders"]:
-        print(f"  GPU held: pid {h['pid']} ({h['comm']}) {h['path']} {h['unit'] or ''}".rstrip())
-    if data["interrupted_swap"]:
+    print(f"expected driver: {config.driver_version} (for kernel {config.kernel_release})")
+    print(f"running kernel:  {snapshot.kernel_release}")
+    print(f"loaded driver:   {loaded or 'none'}" + (f" (pending: {change} to {config.driver_version})" if change else ""))
+    for m in modules:
+        print(f"  {m.name:<16} {m.version or '-':<12} refcount {m.refcnt:<3} held by {', '.join(sorted(m.holders)) or '-'}")
+    for h in holders:
+        print(f"  GPU held: pid {h.pid} ({h.comm}) {h.path} {h.unit or ''}".rstrip())
+    if pending:
         print("an interrupted swap is pending: the next `swap` finishes or rolls it back")
     return 0
 

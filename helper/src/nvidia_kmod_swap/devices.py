@@ -17,8 +17,9 @@ from __future__ import annotations
 import os
 import stat
 import time
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .paths import Root
 
@@ -99,12 +100,12 @@ class UdevWatch:
     """udev's processed "add" events of kernel modules, from the moment it is made."""
 
     def __init__(self, root: Root) -> None:
-        self.monitor = None
+        self.monitor: Any = None  # a pyudev.Monitor
         self.seen: set[str] = set()
         if not root.is_live or not os.path.exists("/run/udev/control"):
             return  # no udevd here: wait_for_nodes polls
         try:
-            import pyudev
+            import pyudev  # type: ignore[import-untyped]  # pyudev ships no type information
 
             monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source="udev")
             monitor.filter_by(subsystem="module")
@@ -131,7 +132,7 @@ class UdevWatch:
 
 
 def wait_for_nodes(root: Root, loaded: set[str], timeout: float, effects: Effects, poll: float = 0.02,
-                   watch: UdevWatch | None = None, loaded_now: set[str] = frozenset()) -> list[str]:
+                   watch: UdevWatch | None = None, loaded_now: AbstractSet[str] = frozenset()) -> list[str]:
     """Waits until udev has settled and every expected node is right; returns what is still wrong.
     LOADED_NOW: modules loaded since WATCH was made, whose processed add events it waits for first.
     A node with another device number is removed and its module's add event replayed (EFFECTS)."""

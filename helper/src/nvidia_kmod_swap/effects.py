@@ -81,7 +81,7 @@ class SystemEffects:
         self._libc: ctypes.CDLL | None = None
 
     # -- kernel modules ------------------------------------------------------------------------
-    def _syscall(self, op: str, target: str, name: str, *args) -> None:
+    def _syscall(self, op: str, target: str, name: str, *args: object) -> None:
         numbers = SYSCALLS.get(platform.machine())
         if numbers is None:
             raise EffectError(f"unsupported architecture {platform.machine()}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from . import holders as holders_mod
@@ -10,8 +11,7 @@ from . import params as params_mod
 from .config import Config
 from .modinfo import ModuleFileError, ModuleFiles, module_name, read_modinfo
 from .paths import Root
-from .plan import (Candidate, Inventory, Plan, foreign_modules, plan_change, refuse_repeat, stale_modules,
-                   triage)
+from .plan import Candidate, Inventory, Plan, foreign_modules, plan_change, refuse_repeat, stale_modules, triage
 from .snapshot import Snapshot, read_snapshot
 from .state import FAILED_RECORD, StateDir
 
@@ -30,7 +30,7 @@ def _candidates(files: ModuleFiles, name: str) -> list[Candidate]:
     return [candidate(p, top) for top, p in files.get_with_dirs(name)]
 
 
-def inventory(files: ModuleFiles, names, extra_files: list[Path] = ()) -> Inventory:
+def inventory(files: ModuleFiles, names: Iterable[str], extra_files: Iterable[Path] = ()) -> Inventory:
     """Candidates for NAMES only. A NixOS module tree holds thousands of (compressed) in-tree
     modules: only the files of the modules asked for are opened and parsed."""
     wanted = set(names)
@@ -45,7 +45,7 @@ def inventory(files: ModuleFiles, names, extra_files: list[Path] = ()) -> Invent
     return {n: c for n, c in found.items() if c}
 
 
-def new_inventory(files: ModuleFiles, wanted, driver_version: str) -> Inventory:
+def new_inventory(files: ModuleFiles, wanted: Iterable[str], driver_version: str) -> Inventory:
     """Candidates for WANTED and, transitively, their dependencies, as far as a dependency can be
     part of the new driver (plan.py decides which are). The dependencies of a kernel module
     (drm -> ...) are not followed: the running kernel loads those by name."""

@@ -35,7 +35,7 @@ def unit_of(cgroup_text: str) -> str | None:
 
 
 def find_holders(root: Root) -> list[Holder]:
-    holders = []
+    holders: list[Holder] = []
     proc = root("/proc")
     for entry in os.scandir(proc):
         if not entry.name.isdigit():

@@ -64,7 +64,7 @@ class Reporter:
             print(f"nvidia-kmod-swap: no journal at {socket_path}; logging to stderr", file=sys.stderr)
         self.also_stderr = not self.to_journal or sys.stderr.isatty()
 
-    def event(self, event: str, message: str, priority: str = "info", **fields: object) -> None:
+    def event(self, event: str, message: str, priority: str = "info", /, **fields: object) -> None:
         if self.to_journal:
             entry = {"MESSAGE": message, "MESSAGE_ID": MESSAGE_IDS[event], "PRIORITY": str(PRIORITY[priority]),
                      "SYSLOG_IDENTIFIER": "nvidia-kmod-swap", "NVIDIA_EVENT": event}

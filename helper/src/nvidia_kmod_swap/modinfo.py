@@ -5,6 +5,7 @@ This is what `modinfo FILE` shows: name, version, vermagic, depends, srcversion.
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -116,11 +117,16 @@ def read_modinfo(path: Path) -> ModInfo:
     return ModInfo(
         path=path,
         name=(fields.get("name") or [module_name(path)])[0],
-        version=(fields.get("version") or [None])[0],
+        version=_first(fields, "version"),
         vermagic=vermagic,
         depends=depends,
-        srcversion=(fields.get("srcversion") or [None])[0],
+        srcversion=_first(fields, "srcversion"),
     )
+
+
+def _first(fields: dict[str, list[str]], key: str) -> str | None:
+    values = fields.get(key)
+    return values[0] if values else None
 
 
 def _check_complete(elf: bytes, path: Path) -> None:
@@ -182,7 +188,7 @@ class DepmodBinIndex:
     MAGIC, MAJOR = 0xB007F457, 2
     PREFIX, VALUES, CHILDS, MASK = 0x80000000, 0x40000000, 0x20000000, 0x0FFFFFFF
 
-    def __init__(self, data) -> None:
+    def __init__(self, data: bytes | mmap.mmap) -> None:
         self.data = data
         magic, version, self.root = struct.unpack_from(">III", data, 0)
         if magic != self.MAGIC or version >> 16 != self.MAJOR:
@@ -190,8 +196,6 @@ class DepmodBinIndex:
 
     @classmethod
     def read(cls, top: str) -> DepmodBinIndex | None:
-        import mmap
-
         try:
             with open(os.path.join(top, "modules.dep.bin"), "rb") as f:
                 return cls(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
@@ -214,7 +218,8 @@ class DepmodBinIndex:
                 if key[i:i + len(prefix)] != prefix:
                     return None
                 i += len(prefix)
-            first = last = None
+            first = last = -1
+            children_at = 0
             if offset & self.CHILDS:
                 first, last = self.data[at], self.data[at + 1]
                 children_at, at = at + 2, at + 2 + 4 * (last - first + 1)
@@ -229,7 +234,7 @@ class DepmodBinIndex:
                     value, at = self._cstr(at + 4)
                     values.append((priority, value))
                 return min(values)[1] if values else None
-            if first is None or not first <= key[i] <= last:
+            if not first <= key[i] <= last:
                 return None
             (offset,) = struct.unpack_from(">I", self.data, children_at + 4 * (key[i] - first))
             i += 1

@@ -35,7 +35,8 @@ def _config_files(root: Root) -> list[Path]:
 
 def _squeeze(text: str) -> str:
     """Collapses runs of white space outside double quotes (continuation lines leave some)."""
-    out, quoted, space = [], False, False
+    out: list[str] = []
+    quoted = space = False
     for ch in text.strip():
         if ch == '"':
             quoted = not quoted

@@ -13,9 +13,10 @@ reloaded from a build in the module dirs, their own version). Modules outside th
 from __future__ import annotations
 
 import graphlib
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any
 
 from .config import Config
 from .holders import Holder
@@ -79,7 +80,7 @@ class Plan:
     def changes_kernel(self) -> bool:
         return self.action in (LOAD, SWAP)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["load"] = [asdict(step) for step in self.load]
         data["rollback"] = [asdict(step) for step in self.rollback]
@@ -113,7 +114,7 @@ def direction(loaded: str | None, expected: str) -> str:
     return "upgrade" if new > old else "downgrade" if new < old else "reinstall"
 
 
-def _base(snapshot: Snapshot, config: Config) -> dict:
+def _base(snapshot: Snapshot, config: Config) -> dict[str, Any]:
     return dict(expected_version=config.driver_version, loaded_version=snapshot.version(CORE),
                 running_kernel=snapshot.kernel_release, config_kernel=config.kernel_release)
 
@@ -177,7 +178,7 @@ def _order(graph: dict[str, set[str]], what: str) -> list[str]:
 def unload_order(snapshot: Snapshot, names: Iterable[str]) -> list[str]:
     """Users before what they use, by the live holder graph."""
     chosen = set(names)
-    return _order({n: snapshot.modules[n].holders & chosen for n in chosen}, "holder")
+    return _order({n: set(snapshot.modules[n].holders & chosen) for n in chosen}, "holder")
 
 
 def load_order(infos: dict[str, ModInfo]) -> list[str]:
@@ -388,7 +389,7 @@ def restore_problems(snapshot: Snapshot, target: Iterable[LoadStep]) -> list[str
     return problems
 
 
-def refuse_repeat(plan: Plan, failure: dict | None, record_path: str) -> Plan:
+def refuse_repeat(plan: Plan, failure: dict[str, Any] | None, record_path: str) -> Plan:
     """Don't retry a swap that already failed with the very same files.
 
     nvidia-persistenced has Restart=always: without this, a bad new driver would be swapped in and

@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import os
 
-from .rules import (CORE, DEFAULT_STATE_DIR, STATE_FILE, ConfigError, driver_closure, parse_proc_modules, stale,
-                    validate)
+from .rules import CORE, DEFAULT_STATE_DIR, STATE_FILE, ConfigError, driver_closure, parse_proc_modules, stale, validate
 
 __all__ = ["STATE_FILE", "try_noop"]
 
 
-def _parse(argv: list[str]) -> dict | None:
-    opts = {"--config": None, "--root": "/", "--log-target": "auto"}
+def _parse(argv: list[str]) -> dict[str, str] | None:
+    opts: dict[str, str] = {"--config": "", "--root": "/", "--log-target": "auto"}
     rest = []
     i = 0
     while i < len(argv):

@@ -8,6 +8,9 @@ would swap.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 STATE_FILE = "swap.json"  # an interrupted swap's record, in the state dir
 DEFAULT_STATE_DIR = "/run/nvidia-kmod-swap"
 DEFAULT_MODULES = ("nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm")
@@ -43,7 +46,7 @@ def _abs_list(key: str, value: object) -> tuple[str, ...]:
     return tuple(_abs(key, item) for item in _str_list(key, value))
 
 
-def _choice(choices: tuple[str, ...]):
+def _choice(choices: tuple[str, ...]) -> Callable[[str, object], str]:
     def parse(key: str, value: object) -> str:
         if not isinstance(value, str) or value not in choices:
             raise ConfigError(f"config key {key!r}: expected one of {', '.join(choices)}, got {value!r}")
@@ -73,7 +76,7 @@ def _positive(key: str, value: object) -> float:
     return float(value)
 
 
-PARSERS = {
+PARSERS: dict[str, Callable[[str, object], Any]] = {
     "driver_version": _str,
     "kernel_release": _str,
     "module_dirs": _abs_list,
@@ -91,7 +94,7 @@ PARSERS = {
 KEYS = frozenset(PARSERS)
 
 
-def validate(data: object) -> dict:
+def validate(data: object) -> dict[str, Any]:
     """The config's values, parsed; ConfigError naming the first bad key otherwise."""
     if not isinstance(data, dict):
         raise ConfigError("config: expected a JSON object at the top level")

@@ -7,8 +7,12 @@ The loaded driver's version comes from /sys/module/nvidia/version, never from th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .paths import Root
+
+if TYPE_CHECKING:
+    from pathlib import Path
 from .rules import driver_closure, parse_proc_modules
 
 
@@ -52,11 +56,12 @@ class Snapshot:
         return seen
 
 
-def read_text(path) -> str | None:
+def read_text(path: Path) -> str | None:
     """A small system file as text (undecodable bytes kept as surrogates, as kmod keeps bytes),
     stripped; None when it does not exist."""
     try:
-        return path.read_bytes().decode("utf-8", errors="surrogateescape").strip()
+        text: str = path.read_bytes().decode("utf-8", errors="surrogateescape")
+        return text.strip()
     except (FileNotFoundError, NotADirectoryError):
         return None
 

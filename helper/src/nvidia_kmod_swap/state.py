@@ -16,6 +16,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .plan import LoadStep
 from .rules import STATE_FILE
@@ -65,7 +66,7 @@ class SwapState:
     started: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["format"] = FORMAT
         return data
@@ -98,7 +99,7 @@ class LoadedRecord:
     driver_version: str
     modules: tuple[LoadStep, ...]
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, "driver_version": self.driver_version, "modules": [asdict(m) for m in self.modules]}
 
 
@@ -108,11 +109,11 @@ class FailedRecord:
     load: tuple[str, ...]
     reason: str
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, "driver_version": self.driver_version, "load": list(self.load),
                 "reason": self.reason, "time": time.time()}
 
-    def as_failure(self) -> dict:
+    def as_failure(self) -> dict[str, Any]:
         return {"driver_version": self.driver_version, "load": list(self.load), "reason": self.reason}
 
 
@@ -144,11 +145,12 @@ class StateDir:
         with os.fdopen(fd, "rb") as f:
             raw = f.read()
         try:
-            return json.loads(raw.decode("utf-8", errors="surrogateescape"))
+            data: object = json.loads(raw.decode("utf-8", errors="surrogateescape"))
+            return data
         except ValueError as e:
             raise StateError(f"{self.path / name} is not JSON ({e})") from e
 
-    def write(self, name: str, data: dict) -> None:
+    def write(self, name: str, data: dict[str, Any]) -> None:
         """Atomically (temp file, fsync, rename, fsync of the directory); OSError when it cannot."""
         tmp = self.path / f".{name}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)

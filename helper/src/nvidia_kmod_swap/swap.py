@@ -14,10 +14,11 @@ import fcntl
 import os
 import signal
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from types import FrameType
 
 from . import devices
 from .config import Config
@@ -53,7 +54,7 @@ def _env_int(name: str) -> int | None:
     return int(value) if value and value.isdigit() else None
 
 
-def describe_loaded(snapshot: Snapshot, names) -> str:
+def describe_loaded(snapshot: Snapshot, names: Iterable[str]) -> str:
     """What sysfs shows for NAMES: 'nvidia 570.124.04, nvidia_uvm (not loaded)'."""
     parts = []
     for name in names:
@@ -127,7 +128,7 @@ class Swapper:
 
     @contextmanager
     def _sigterm(self) -> Iterator[None]:
-        def handler(signum, frame):
+        def handler(signum: int, frame: FrameType | None) -> None:
             if not self._terminated:
                 self._terminated = True
                 raise Terminated("terminated by SIGTERM (systemd's start timeout?)")
@@ -163,8 +164,8 @@ class Swapper:
 
     # -- executing a plan ------------------------------------------------------------------------
     def _execute(self, plan: Plan) -> int:
-        fields = dict(action=plan.action, loaded_version=plan.loaded_version, expected_version=plan.expected_version,
-                      direction=plan.direction)
+        fields: dict[str, object] = dict(action=plan.action, loaded_version=plan.loaded_version,
+                                         expected_version=plan.expected_version, direction=plan.direction)
         if plan.action == NONE:
             self.reporter.event("noop", plan.reason, **fields)
             return EXIT_OK

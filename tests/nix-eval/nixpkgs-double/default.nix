@@ -155,7 +155,16 @@ let
         packaging = drv { name = "python3.13-packaging-25.0"; };
         zstandard = drv { name = "python3.13-zstandard-0.23.0"; };
         pytestCheckHook = drv { name = "pytest-check-hook"; };
+        mypy = drv { name = "python3.13-mypy-1.17.1"; };
+        ruff = drv { name = "python3.13-ruff-0.12.11"; };
       };
+      # pkgs/development/interpreters/python/with-packages.nix: an env of the chosen packages.
+      python3.withPackages =
+        f:
+        drv {
+          name = "python3-3.13.7-env";
+          paths = f final.python3Packages;
+        };
       testers.runNixOSTest = module: drv { name = "vm-test-run-${module.name}"; };
       aggregateModules =
         modules:
