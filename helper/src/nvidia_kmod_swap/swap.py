@@ -302,6 +302,10 @@ class Swapper:
             raise SwapFailed("after loading, sysfs shows: " + "; ".join(problems))
         nodes = devices.wait_for_nodes(self.root, set(snapshot.modules), self.config.settle_timeout_s, self.effects,
                                        watch=watch, loaded_now={s.name for s in load})
+        if watch is not None:
+            how = (f"udev reported its add events of {', '.join(sorted(watch.seen)) or 'none'} processed"
+                   if watch.monitor is not None else "no udev to listen to: polled the device nodes")
+            self.reporter.event("step", f"device nodes: {how}", "debug")
         if nodes:
             raise SwapFailed(f"device nodes not ready after {self.config.settle_timeout_s:.0f}s: {'; '.join(nodes)}")
         if self.config.verify_command:

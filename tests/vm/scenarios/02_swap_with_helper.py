@@ -29,3 +29,7 @@ def test(machine, bed):
     journal = machine.journal("-u nvidia-persistenced")
     assert f"NVIDIA driver {new} loaded (upgrade from {old})" in journal, journal
     assert machine.unit_property("nvidia-persistenced.service", "NRestarts") == "0"
+    # The helper waited for udev's own word (pyudev's Monitor on the udev netlink source) that it had
+    # processed the add events, i.e. run the mknod rules, of the modules that make nodes.
+    steps = machine.succeed("journalctl SYSLOG_IDENTIFIER=nvidia-kmod-swap PRIORITY=7 --no-pager -o cat")
+    assert "device nodes: udev reported its add events of nvidia, nvidia_drm, nvidia_modeset, nvidia_uvm processed" in steps, steps
