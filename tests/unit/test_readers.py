@@ -245,3 +245,39 @@ def test_udev_watch_waits_for_processed_add_events_only():
     assert watch.wait_added({"nvidia", "nvidia_modeset"}, time.monotonic() + 1) == set()
     watch.monitor = Monitor([Event("add", "nvidia_drm")])
     assert watch.wait_added({"nvidia_uvm"}, time.monotonic() + 1) == {"nvidia_uvm"}  # timed out
+
+
+def test_udev_word_replaces_waiting_for_its_whole_queue(system):
+    """Other devices' events can keep /run/udev/queue for seconds; once udev has said it processed
+    our modules' add events, the nodes are checked without waiting for the rest."""
+    import time
+
+    from fakesys import FakeEffects
+    from nvidia_kmod_swap import devices
+
+    system.load_driver(NEW)
+    system.root("/run/udev").mkdir(parents=True)
+    system.root("/run/udev/queue").write_text("")  # busy with someone else's events
+
+    class Event:
+        action, sys_name = "add", ""
+
+    class Monitor:
+        def __init__(self):
+            self.events = []
+            for name in ("nvidia", "nvidia_modeset", "nvidia_uvm"):
+                event = Event()
+                event.sys_name = name
+                self.events.append(event)
+
+        def poll(self, timeout=None):
+            return self.events.pop(0) if self.events else None
+
+    watch = devices.UdevWatch(system.root)
+    watch.monitor = Monitor()
+    started = time.monotonic()
+    loaded = set(system.modules)
+    assert devices.wait_for_nodes(system.root, loaded, 2.0, FakeEffects(system), watch=watch, loaded_now=loaded) == []
+    assert time.monotonic() - started < 1.0
+    # without udev's word (no monitor: polling), the busy queue is waited for, and said
+    assert devices.wait_for_nodes(system.root, loaded, 0.2, FakeEffects(system)) == ["udev is still processing events"]

@@ -137,15 +137,17 @@ def wait_for_nodes(root: Root, loaded: set[str], timeout: float, effects: Effect
     LOADED_NOW: modules loaded since WATCH was made, whose processed add events it waits for first.
     A node with another device number is removed and its module's add event replayed (EFFECTS)."""
     deadline = time.monotonic() + timeout
-    if watch is not None:
-        watch.wait_added(set(loaded_now) & set(NODE_MODULES), deadline)
+    # udev's word that it processed our modules' add events replaces waiting for its whole queue
+    # to drain (/run/udev/queue), which other devices' events can keep busy for seconds.
+    heard = (watch is not None and watch.monitor is not None
+             and not watch.wait_added(set(loaded_now) & set(NODE_MODULES), deadline))
     replayed: set[str] = set()
     # What the loaded driver registered does not change while we wait: read it once, not per poll
     # (with 32 GPUs that is 33 files under /proc, and polls are 20 ms apart).
     expected: list[Node] | None = None
     while True:
         problems = []
-        if udev_busy(root):
+        if not heard and udev_busy(root):
             problems = ["udev is still processing events"]
         else:
             if not expected:
