@@ -40,9 +40,12 @@ python3Packages.buildPythonApplication {
 
   build-system = [ python3Packages.setuptools ];
 
+  # Exactly what the helper imports (docs/design.md: the libraries). systemd-python was renamed
+  # from `systemd` in nixpkgs PR #460153 (2025-11), the PyPI name.
   dependencies = with python3Packages; [
     pyudev
     packaging
+    systemd-python
     zstandard
   ];
 

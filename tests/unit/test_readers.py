@@ -281,3 +281,57 @@ def test_udev_word_replaces_waiting_for_its_whole_queue(system):
     assert time.monotonic() - started < 1.0
     # without udev's word (no monitor: polling), the busy queue is waited for, and said
     assert devices.wait_for_nodes(system.root, loaded, 0.2, FakeEffects(system)) == ["udev is still processing events"]
+
+
+def test_journal_entries_through_systemd_python(monkeypatch):
+    """python-systemd's journal.send(MESSAGE, MESSAGE_ID=None, ..., **kwargs) (systemd/journal.py):
+    MESSAGE as text, every other field a keyword; bytes go to the journal as they are."""
+    import sys
+    import types
+
+    from nvidia_kmod_swap.journal import MESSAGE_IDS, send_systemd
+
+    sent = []
+    fake = types.ModuleType("systemd.journal")
+
+    def send(MESSAGE, MESSAGE_ID=None, **kwargs):  # noqa: N803  as python-systemd names them
+        args = ["MESSAGE=" + MESSAGE]
+        if MESSAGE_ID is not None:
+            args.append("MESSAGE_ID=" + getattr(MESSAGE_ID, "hex", MESSAGE_ID))  # a str or a UUID, as send() does
+        sent.append((MESSAGE, {"MESSAGE_ID": MESSAGE_ID, **kwargs}))
+
+    fake.send = send
+    package = types.ModuleType("systemd")
+    package.journal = fake
+    monkeypatch.setitem(sys.modules, "systemd", package)
+    monkeypatch.setitem(sys.modules, "systemd.journal", fake)
+    assert send_systemd({"MESSAGE": "caf\udce9 refused", "MESSAGE_ID": MESSAGE_IDS["refused"], "NVIDIA_REASON": "caf\udce9"})
+    message, fields = sent[0]
+    assert message == "caf\ufffd refused" and fields["NVIDIA_REASON"] == b"caf\xe9"
+    assert fields["MESSAGE_ID"] == MESSAGE_IDS["refused"]
+
+
+def test_status_history_from_the_journal():
+    """Entries as systemd.journal.Reader gives them (newest first here): the last swap's outcome,
+    and a deferral still pending (the newest decisions), since the first of them."""
+    from datetime import datetime
+
+    from nvidia_kmod_swap.journal import summarize
+
+    def entry(event, minute, **fields):
+        return {"NVIDIA_EVENT": event, "__REALTIME_TIMESTAMP": datetime(2026, 11, 25, 12, minute), "MESSAGE": event,
+                **{f"NVIDIA_{k.upper()}": v for k, v in fields.items()}}
+
+    entries = [entry("deferred", 50, reason="pid 7 holds /dev/nvidia0", expected_version="580.65.06"),
+               entry("deferred", 40, reason="pid 7 holds /dev/nvidia0"),
+               entry("swapped", 30, loaded_version=NEW, previous_version=OLD),
+               entry("deferred", 20, reason="older"),
+               entry("rolled-back", 10, loaded_version=OLD, expected_version=NEW)]
+    history = summarize(entries)
+    assert history["last_swap"] == {"when": "2026-11-25 12:30:00", "result": "swapped", "from": OLD, "to": NEW,
+                                    "message": "swapped"}
+    assert history["pending"] == {"since": "2026-11-25 12:40:00", "why": "pid 7 holds /dev/nvidia0",
+                                  "expected_version": "580.65.06"}
+    assert summarize(entries[2:])["pending"] is None
+    assert summarize(entries[4:])["last_swap"]["result"] == "rolled-back"
+    assert summarize([]) == {"last_swap": None, "pending": None}

@@ -185,6 +185,10 @@ def _status(root: Root, config: Config, as_json: bool) -> int:
     modules = [snapshot.modules[n] for n in family]
     holders = find_holders(root) if family else []
     pending = _pending(root, config)
+    from .journal import read_decisions, summarize
+
+    decisions = read_decisions() if root.is_live else None
+    history = summarize(decisions) if decisions is not None else {"last_swap": None, "pending": None}
     if as_json:
         print(json.dumps({
             "running_kernel": snapshot.kernel_release,
@@ -196,6 +200,8 @@ def _status(root: Root, config: Config, as_json: bool) -> int:
                         for m in modules],
             "gpu_holders": [asdict(h) for h in holders],
             "interrupted_swap": pending,
+            "last_swap": history["last_swap"],
+            "deferred": history["pending"],
         }, indent=2))
         return 0
     print(f"expected driver: {config.driver_version} (for kernel {config.kernel_release})")
@@ -207,6 +213,14 @@ def _status(root: Root, config: Config, as_json: bool) -> int:
         print(f"  GPU held: pid {h.pid} ({h.comm}) {h.path} {h.unit or ''}".rstrip())
     if pending:
         print("an interrupted swap is pending: the next `swap` finishes or rolls it back")
+    last = history["last_swap"]
+    if last:
+        print(f"last swap:       {last['when']}: {last['result']} ({last['from'] or 'none'} -> {last['to']})")
+    if history["pending"] and change:
+        deferred = history["pending"]
+        print(f"deferred since:  {deferred['since']}: {deferred['why']}")
+    if decisions is None and root.is_live:
+        print("(no systemd-python: the journal's history is not shown)")
     return 0
 
 

@@ -105,7 +105,7 @@ class UdevWatch:
         if not root.is_live or not os.path.exists("/run/udev/control"):
             return  # no udevd here: wait_for_nodes polls
         try:
-            import pyudev  # type: ignore[import-untyped]  # pyudev ships no type information
+            import pyudev
 
             monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source="udev")
             monitor.filter_by(subsystem="module")

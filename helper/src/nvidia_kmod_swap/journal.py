@@ -1,17 +1,23 @@
-"""Reporting: structured journal entries with a plain stderr fallback.
+"""Reporting: structured journal entries with a plain stderr fallback, and reading them back.
 
 Each event has a fixed MESSAGE_ID so that `journalctl MESSAGE_ID=...` finds it; docs/helper.md
 lists them. Fields carry versions, modules and holders; MESSAGE says the same for a human.
 
-Entries go to journald over its native protocol, the datagram systemd-python's journal.send
-writes, sent here directly: importing systemd.journal pulls in `logging`, which measured 80 ms of
-the helper's start-up in the test bed guest, and the helper runs on every start of the unit.
+Entries go through systemd-python's `systemd.journal.send` (sd_journal_sendv). The one exception is
+the no-op fast path (quick.py, every start of the unit), which writes the same datagram to
+journald's native socket itself (`send_native`) so that it imports nothing: importing
+systemd.journal costs 23 ms on the host, ~10x that under the test bed's emulation. A Python without
+systemd-python (a checkout run by hand) falls back to that writer too. `status` reads the last
+decisions back with `systemd.journal.Reader`, matched by MESSAGE_ID.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 
@@ -56,20 +62,45 @@ def send_native(fields: dict[str, str], socket_path: str = JOURNAL_SOCKET) -> bo
         return False
 
 
+def send_systemd(fields: dict[str, str]) -> bool:
+    """True when systemd-python's journal.send took the entry; False when it is not installed or
+    journald refused it."""
+    try:
+        from systemd import journal
+    except ImportError:
+        return send_native(fields)
+    entry = dict(fields)
+    # MESSAGE must be text (UTF-8); other fields may be bytes, sent as they are: a byte read from a
+    # file that is not UTF-8 (kept as a surrogate) goes to the journal as that byte.
+    # MESSAGE_ID must be a str (or UUID): send() adds its `.hex` or itself to "MESSAGE_ID=".
+    message = entry.pop("MESSAGE").encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    message_id = entry.pop("MESSAGE_ID")
+    try:
+        journal.send(message, MESSAGE_ID=message_id, **{k: v.encode("utf-8", "surrogateescape") for k, v in entry.items()})
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 class Reporter:
-    def __init__(self, target: str = "auto", socket_path: str = JOURNAL_SOCKET) -> None:
+    """LEAN: write journald's datagram directly (the no-op path); otherwise systemd-python."""
+
+    def __init__(self, target: str = "auto", socket_path: str = JOURNAL_SOCKET, lean: bool = False,
+                 sender: Callable[[dict[str, str]], bool] | None = None) -> None:
         self.socket_path = socket_path
         self.to_journal = target in ("auto", "journal") and os.path.exists(socket_path)
         if target == "journal" and not self.to_journal:
             print(f"nvidia-kmod-swap: no journal at {socket_path}; logging to stderr", file=sys.stderr)
         self.also_stderr = not self.to_journal or sys.stderr.isatty()
+        self.send = sender or ((lambda f: send_native(f, socket_path)) if lean or socket_path != JOURNAL_SOCKET
+                               else send_systemd)
 
     def event(self, event: str, message: str, priority: str = "info", /, **fields: object) -> None:
         if self.to_journal:
             entry = {"MESSAGE": message, "MESSAGE_ID": MESSAGE_IDS[event], "PRIORITY": str(PRIORITY[priority]),
                      "SYSLOG_IDENTIFIER": "nvidia-kmod-swap", "NVIDIA_EVENT": event}
             entry.update({f"NVIDIA_{k.upper()}": _text(v) for k, v in fields.items() if v not in (None, "", (), [])})
-            if not send_native(entry, self.socket_path):
+            if not self.send(entry):
                 self.also_stderr = True
         if self.also_stderr:
             print(f"nvidia-kmod-swap: {message}", file=sys.stderr, flush=True)
@@ -79,3 +110,66 @@ def _text(value: object) -> str:
     if isinstance(value, (list, tuple, set, frozenset)):
         return " ".join(str(v) for v in value)
     return str(value)
+
+
+# The decisions `status` reads back: what a swap ended in, and what kept it from happening.
+OUTCOMES = ("swapped", "rolled-back", "rollback-failed")
+DECISIONS = OUTCOMES + ("deferred", "refused", "noop")
+
+
+def summarize(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """From journal entries of DECISIONS, newest first: the last swap's outcome (when, from, to,
+    result) and, when the newest decisions are deferrals, the pending deferral (since the first
+    of them, and the newest reason)."""
+    last_swap: dict[str, Any] | None = None
+    pending: list[dict[str, Any]] = []
+    streak = True
+    for entry in entries:
+        event = entry.get("NVIDIA_EVENT")
+        if streak and event == "deferred":
+            pending.append(entry)
+        elif event in DECISIONS:
+            streak = False
+        if last_swap is None and event in OUTCOMES:
+            last_swap = entry
+        if last_swap is not None and not streak:
+            break
+
+    def when(entry: dict[str, Any]) -> str:
+        stamp = entry.get("__REALTIME_TIMESTAMP")  # a datetime (systemd.journal's converters)
+        return stamp.isoformat(sep=" ", timespec="seconds") if isinstance(stamp, datetime) else str(stamp or "?")
+
+    result: dict[str, Any] = {"last_swap": None, "pending": None}
+    if last_swap is not None:
+        result["last_swap"] = {"when": when(last_swap), "result": last_swap.get("NVIDIA_EVENT"),
+                               "from": last_swap.get("NVIDIA_PREVIOUS_VERSION") or last_swap.get("NVIDIA_LOADED_VERSION"),
+                               "to": last_swap.get("NVIDIA_EXPECTED_VERSION") or last_swap.get("NVIDIA_LOADED_VERSION"),
+                               "message": last_swap.get("MESSAGE")}
+    if pending:
+        result["pending"] = {"since": when(pending[-1]), "why": pending[0].get("NVIDIA_REASON") or pending[0].get("MESSAGE"),
+                             "expected_version": pending[0].get("NVIDIA_EXPECTED_VERSION")}
+    return result
+
+
+def read_decisions(limit: int = 500) -> list[dict[str, Any]] | None:
+    """This boot's decisions of the helper, newest first (systemd.journal.Reader, matched by
+    MESSAGE_ID); None where there is no systemd-python to read the journal with."""
+    try:
+        from systemd import journal
+    except ImportError:
+        return None
+    reader = journal.Reader()
+    try:
+        reader.this_boot()
+        for event in DECISIONS:
+            reader.add_match(MESSAGE_ID=MESSAGE_IDS[event])
+        reader.seek_tail()
+        entries: list[dict[str, Any]] = []
+        while len(entries) < limit:
+            entry = reader.get_previous()
+            if not entry:
+                break
+            entries.append(dict(entry))
+        return entries
+    finally:
+        reader.close()

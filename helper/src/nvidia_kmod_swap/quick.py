@@ -87,4 +87,4 @@ def _report(message: str, version: str, target: str) -> None:
     """The `noop` journal entry (journal.py imports nothing heavy)."""
     from .journal import Reporter
 
-    Reporter(target).event("noop", message, action="none", loaded_version=version, expected_version=version)
+    Reporter(target, lean=True).event("noop", message, action="none", loaded_version=version, expected_version=version)

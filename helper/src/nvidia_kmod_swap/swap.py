@@ -363,14 +363,15 @@ class Swapper:
         shown = describe_loaded(after, [s.name for s in target]) if target else "no NVIDIA module"
         self.reporter.event("rolled-back", f"rolled back: the NVIDIA driver {old} is loaded again (sysfs: {shown}; "
                             f"kept {len(restore.keep)}, reloaded {len(restore.load)}). Cause: {reason}", "err",
-                            reason=reason, loaded_version=swap.loaded_version)
+                            reason=reason, loaded_version=swap.loaded_version, expected_version=swap.expected_version)
         return EXIT_ROLLED_BACK
 
     def _rollback_failed(self, swap: SwapState, reason: str, snapshot: Snapshot, why: str) -> int:
         names = sorted({s.name for s in swap.rollback} | {s.name for s in swap.load} | set(snapshot.family()))
         self.reporter.event("rollback-failed", f"rollback failed: {why}. Loaded now (sysfs): "
                             f"{describe_loaded(snapshot, names)}. The state is kept in {self.state.path / STATE_FILE} "
-                            f"and the next run retries", "crit", reason=f"{reason}; rollback: {why}")
+                            f"and the next run retries", "crit", reason=f"{reason}; rollback: {why}",
+                            loaded_version=swap.loaded_version, expected_version=swap.expected_version)
         return EXIT_ROLLBACK_FAILED
 
     def _recover(self, swap: SwapState) -> int:

@@ -153,6 +153,7 @@ let
         setuptools = drv { name = "python3.13-setuptools-80.9.0"; };
         pyudev = drv { name = "python3.13-pyudev-0.24.3"; };
         packaging = drv { name = "python3.13-packaging-25.0"; };
+        systemd-python = drv { name = "python3.13-systemd-python-235"; };
         zstandard = drv { name = "python3.13-zstandard-0.23.0"; };
         pytestCheckHook = drv { name = "pytest-check-hook"; };
         mypy = drv { name = "python3.13-mypy-1.17.1"; };

@@ -33,3 +33,6 @@ def test(machine, bed):
     # processed the add events, i.e. run the mknod rules, of the modules that make nodes.
     steps = machine.succeed("journalctl SYSLOG_IDENTIFIER=nvidia-kmod-swap PRIORITY=7 --no-pager -o cat")
     assert "device nodes: udev reported its add events of nvidia, nvidia_drm, nvidia_modeset, nvidia_uvm processed" in steps, steps
+    # `status` reads the last swap back from the journal (systemd.journal.Reader, by MESSAGE_ID).
+    status = machine.succeed("nvidia-kmod-swap status")
+    assert f"swapped ({old} -> {new})" in status and "deferred since" not in status, status

@@ -21,3 +21,7 @@ def test(machine, bed):
     journal = machine.journal("-u nvidia-persistenced")
     assert f"pid {pid} (sleep) holds /dev/nvidia0 [cuda-job.service]" in journal, journal[-1500:]
     assert machine.unit_property("cuda-job.service", "ActiveState") == "active"
+    # `status` reads the pending deferral back from the journal (systemd.journal.Reader).
+    status = machine.succeed("nvidia-kmod-swap status")
+    assert "pending: upgrade to 570.133.07" in status and "deferred since:" in status, status
+    assert f"pid {pid} (sleep) holds /dev/nvidia0" in status, status
