@@ -8,11 +8,11 @@ Run by systemd before nvidia-persistenced starts:
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
 
 from .quick import STATE_FILE, try_noop
 
-if TYPE_CHECKING:  # annotations only: the no-op path imports nothing more
+TYPE_CHECKING = False  # mypy's always_true: annotations only, the no-op path imports no typing
+if TYPE_CHECKING:
     import argparse
 
     from .config import Config
