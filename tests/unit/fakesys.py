@@ -12,7 +12,9 @@ from __future__ import annotations
 import errno
 import json
 import lzma
+import os
 import shutil
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +145,7 @@ class FakeSystem:
         if module == "nvidia_uvm":
             self.nodes.setdefault("/dev/nvidia-uvm", (self.uvm_major, 0))
             self.nodes.setdefault("/dev/nvidia-uvm-tools", (self.uvm_major, 1))
+            self.sync()
 
     def load_driver(self, version: str, names=("nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm")) -> None:
         for name in names:
@@ -153,7 +156,9 @@ class FakeSystem:
         self.sync()
 
     def sync(self) -> None:
-        """Writes /proc/modules, /sys/module/*, /proc/devices and /proc/driver/nvidia as the kernel shows them."""
+        """Writes /proc/modules, /sys/module/*, /proc/devices and /proc/driver/nvidia as the kernel shows them,
+        and NODES as real character devices under dev/ when this process may mknod (root)."""
+        self._sync_nodes()
         lines = []
         sysmod = self.base / "sys/module"
         shutil.rmtree(sysmod, ignore_errors=True)
@@ -188,6 +193,33 @@ class FakeSystem:
                 d = gpus / f"0000:{minor + 1:02x}:00.0"
                 d.mkdir(parents=True)
                 (d / "information").write_text(f"Model: \t\t Fake\nDevice Minor: \t {minor}\n")
+
+    @property
+    def real_nodes(self) -> bool:
+        """Whether dev/ holds real device nodes (mknod needs CAP_MKNOD: root, not a Nix build sandbox)."""
+        if not hasattr(self, "_real_nodes"):
+            probe = self.base / "dev/.probe"
+            try:
+                os.mknod(probe, stat.S_IFCHR | 0o600, os.makedev(1, 3))
+                probe.unlink()
+                self._real_nodes = True
+            except OSError:
+                self._real_nodes = False
+        return self._real_nodes
+
+    def _sync_nodes(self) -> None:
+        if not self.real_nodes:
+            return
+        dev = self.base / "dev"
+        for entry in dev.iterdir():
+            path = f"/dev/{entry.name}"
+            st = os.lstat(entry)
+            if path not in self.nodes or (os.major(st.st_rdev), os.minor(st.st_rdev)) != self.nodes[path]:
+                entry.unlink()
+        for path, (major, minor) in self.nodes.items():
+            target = self.base / path.lstrip("/")
+            if not os.path.lexists(target):
+                os.mknod(target, stat.S_IFCHR | 0o666, os.makedev(major, minor))
 
     def versions(self) -> dict[str, str | None]:
         return {n: m.version for n, m in sorted(self.modules.items())}
@@ -272,6 +304,7 @@ class FakeEffects:
 
     def remove_node(self, path: str) -> None:
         self.system.nodes.pop(path, None)
+        self.system.sync()
 
     def replay_add(self, module: str) -> None:
         self.system.udev_add(module)  # udev's rules mknod the module's nodes again
