@@ -12,6 +12,7 @@ from .config import Config
 from .modinfo import ModuleFileError, ModuleFiles, module_name, read_modinfo
 from .paths import Root
 from .plan import Candidate, Inventory, Plan, foreign_modules, plan_change, refuse_repeat, stale_modules, triage
+from .rules import CORE
 from .snapshot import Snapshot, read_snapshot
 from .state import FAILED_RECORD, StateDir
 
@@ -72,8 +73,8 @@ def make_plan(root: Root, config: Config, snapshot: Snapshot | None = None, retr
     # A module of nvidia's closure with a version of its own is either a stale driver module or a
     # holder (nvidia_fs): the new tree tells which. Only those files are read on the no-op path.
     # (Only when nvidia itself is current: otherwise the driver is swapped either way.)
-    stale = ([n for n in stale_modules(snapshot, config) if n != "nvidia"]
-             if snapshot.version("nvidia") == config.driver_version else [])
+    stale = ([n for n in stale_modules(snapshot, config) if n != CORE]
+             if snapshot.version(CORE) == config.driver_version else [])
     foreign = foreign_modules(snapshot, config, {n: _candidates(trees, n) for n in stale}) if stale else []
     early = triage(snapshot, config, foreign)
     if early is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 # the no-op path, which runs on every start of the unit, 7 ms on the host, ten times that emulated.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
     from typing import Any
 
 STATE_FILE = "swap.json"  # an interrupted swap's record, in the state dir
@@ -129,11 +129,10 @@ def parse_proc_modules(text: str) -> dict[str, tuple[list[str], frozenset[str]]]
     return rows
 
 
-def driver_closure(users: dict[str, frozenset[str]]) -> set[str]:
-    """The loaded `nvidia` and, transitively, every module holding it (USERS: module -> holders,
-    as /proc/modules lists them). Every module of the driver depends on nvidia, so this is all of
-    the loaded driver plus its holders (nvidia_fs); an unrelated nvidia_* module is not in it."""
-    todo = [CORE] if CORE in users else []
+def holders_closure(users: dict[str, frozenset[str]], names: Iterable[str]) -> set[str]:
+    """The loaded modules among NAMES and, transitively, every loaded module holding one of them
+    (USERS: module -> holders, as /proc/modules lists them)."""
+    todo = list(names)
     closure: set[str] = set()
     while todo:
         name = todo.pop()
@@ -141,6 +140,13 @@ def driver_closure(users: dict[str, frozenset[str]]) -> set[str]:
             closure.add(name)
             todo.extend(users[name])
     return closure
+
+
+def driver_closure(users: dict[str, frozenset[str]]) -> set[str]:
+    """The loaded `nvidia` and everything holding it. Every module of the driver depends on
+    nvidia, so this is all of the loaded driver plus its holders (nvidia_fs); an unrelated
+    nvidia_* module is not in it."""
+    return holders_closure(users, [CORE])
 
 
 def stale(expected: str, versions: dict[str, str | None]) -> list[str]:

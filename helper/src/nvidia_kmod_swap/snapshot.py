@@ -13,7 +13,7 @@ from .paths import Root
 
 if TYPE_CHECKING:
     from pathlib import Path
-from .rules import driver_closure, parse_proc_modules
+from .rules import driver_closure, holders_closure, parse_proc_modules
 
 
 @dataclass(frozen=True)
@@ -47,13 +47,7 @@ class Snapshot:
 
     def holders_closure(self, names: set[str]) -> set[str]:
         """NAMES and, transitively, the loaded modules holding them."""
-        todo, seen = list(names), set()
-        while todo:
-            name = todo.pop()
-            if name in self.modules and name not in seen:
-                seen.add(name)
-                todo.extend(self.modules[name].holders)
-        return seen
+        return holders_closure({name: m.holders for name, m in self.modules.items()}, names)
 
 
 def read_text(path: Path) -> str | None:
