@@ -24,6 +24,7 @@ from . import devices
 from .config import Config
 from .effects import EffectError, Effects
 from .facts import make_plan
+from .holders import find_holders
 from .journal import Reporter
 from .paths import Root
 from .plan import DEFER, NONE, REFUSE, LoadStep, Plan, allowed, plan_restore, q, restore_problems
@@ -215,13 +216,12 @@ class Swapper:
             swap.stopped_units.append(unit)
             self._record_step(swap, "stopping-units", f"stop {unit}")  # recorded before it is stopped
             self.effects.systemctl(["stop", unit])
-        # A stopped unit's processes may take a moment to close the device: wait a bounded time.
+        # A stopped unit's processes may take a moment to close the device: wait a bounded time,
+        # looking only at who holds it, then plan once.
         deadline = time.monotonic() + self.config.settle_timeout_s
-        while True:
-            replanned = make_plan(self.root, self.config, retry=self.retry)
-            if not (replanned.stop_units or replanned.holders) or time.monotonic() >= deadline:
-                break
+        while find_holders(self.root) and time.monotonic() < deadline:
             time.sleep(0.2)
+        replanned = make_plan(self.root, self.config, retry=self.retry)
         if replanned.stop_units or replanned.holders:
             return Plan(DEFER, f"the GPU is still in use after stopping {', '.join(swap.stopped_units)}: "
                         + "; ".join(h.describe() for h in replanned.holders)
