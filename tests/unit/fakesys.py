@@ -221,6 +221,13 @@ class FakeSystem:
             if not os.path.lexists(target):
                 os.mknod(target, stat.S_IFCHR | 0o666, os.makedev(major, minor))
 
+    def change(self, name: str, **attrs: object) -> None:
+        """Gives the loaded module NAME other attributes (version, srcversion, refcnt_extra), as
+        /proc and /sys then show them."""
+        for key, value in attrs.items():
+            setattr(self.modules[name], key, value)
+        self.sync()
+
     def versions(self) -> dict[str, str | None]:
         return {n: m.version for n, m in sorted(self.modules.items())}
 

@@ -70,9 +70,7 @@ def test_downgrade_is_a_swap_too(system, store, trees):
 
 def test_half_swapped_state_is_swapped(system, store, trees):
     system.load_driver(NEW)
-    system.modules["nvidia_uvm"].version = OLD
-    system.modules["nvidia_uvm"].srcversion = f"SRCnvidia_uvm{OLD}".upper()[:23]
-    system.sync()
+    system.change("nvidia_uvm", version=OLD, srcversion=f"SRCnvidia_uvm{OLD}".upper()[:23])
     assert plan_for(system, store, trees[1], trees[0]).action == "swap"
 
 
@@ -174,8 +172,7 @@ def test_missing_rollback_files_refuse(system, store, trees):
 def test_rollback_matches_srcversion_not_just_version(system, store, trees):
     """Two builds of the same version: only the one that is loaded is a faithful rollback."""
     system.load_driver(OLD)
-    system.modules["nvidia"].srcversion = "SOMETHINGELSE"
-    system.sync()
+    system.change("nvidia", srcversion="SOMETHINGELSE")
     plan = plan_for(system, store, trees[1], trees[0])
     assert plan.action == "refuse" and "nvidia '570.124.04' srcversion SOMETHINGELSE" in plan.reason
 
@@ -201,8 +198,7 @@ def test_busy_gpu_stop_units(system, store, trees):
 
 def test_kernel_user_without_process_defers(system, store, trees):
     system.load_driver(OLD)
-    system.modules["nvidia_drm"].refcnt_extra = 1  # e.g. fbcon on nvidia-drm
-    system.sync()
+    system.change("nvidia_drm", refcnt_extra=1)  # e.g. fbcon on nvidia-drm
     plan = plan_for(system, store, trees[1], trees[0])
     assert plan.action == "defer"
     assert "kernel users of nvidia_drm" in plan.reason
@@ -363,7 +359,6 @@ def test_a_rollback_generation_is_planned_as_a_downgrade(system, store, trees):
 
 def test_a_malformed_version_is_refused_with_a_clear_message(system, store, trees):
     system.load_driver(OLD)
-    system.modules["nvidia"].version = "570.124.04-custom"
-    system.sync()
+    system.change("nvidia", version="570.124.04-custom")
     plan = plan_for(system, store, trees[1], trees[0])
     assert plan.action == "refuse" and "'570.124.04-custom' is not a version number" in plan.reason

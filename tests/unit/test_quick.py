@@ -38,11 +38,9 @@ def test_hands_over_whenever_unsure(current, tmp_path):
     data = json.loads(config.read_text())
     assert try_noop(args(system, config, "plan")) is None
     assert try_noop(args(system, config) + ["--json"]) is None
-    system.modules["nvidia_uvm"].version = OLD
-    system.sync()
+    system.change("nvidia_uvm", version=OLD)
     assert try_noop(args(system, config)) is None                   # a half-swapped driver
-    system.modules["nvidia_uvm"].version = NEW
-    system.sync()
+    system.change("nvidia_uvm", version=NEW)
     (system.root(data["state_dir"])).mkdir(parents=True)
     (system.root(data["state_dir"]) / "swap.json").write_text("{}")
     assert try_noop(args(system, config)) is None                   # an interrupted swap

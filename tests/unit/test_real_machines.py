@@ -155,8 +155,7 @@ def test_rollback_file_must_match_version_and_srcversion(system, store, trees):
     module's srcversion but version 570.86.16: it is not the loaded module."""
     system.load_driver(OLD)
     stale = write_ko(store / "manual/lib/modules" / RELEASE, "nvidia", "570.86.16")
-    system.modules["nvidia"].srcversion = "SRCNVIDIA570.86.16"  # write_ko's srcversion of that file
-    system.sync()
+    system.change("nvidia", srcversion="SRCNVIDIA570.86.16")  # write_ko's srcversion of that file
     config = parse(make_config(store, [trees[1]], [trees[0], stale.parent]))
     plan = make_plan(system.root, config)
     assert plan.action == "refuse" and "no file of the loaded module(s) nvidia" in plan.reason
@@ -171,8 +170,7 @@ def test_rollback_reports_what_sysfs_shows(system, store, trees, capsys):
     def load(path, params):  # the old nvidia_uvm "loads" but the kernel shows another build
         plain_load(path, params)
         if OLD in path and "nvidia-uvm" in path:
-            system.modules["nvidia_uvm"].srcversion = "SOMEOTHERBUILD"
-            system.sync()
+            system.change("nvidia_uvm", srcversion="SOMEOTHERBUILD")
 
     effects.load = load
     assert swapper(system, config, effects).run() == EXIT_ROLLBACK_FAILED
