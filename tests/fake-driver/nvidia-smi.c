@@ -28,8 +28,16 @@ int main(int argc, char **argv)
 	}
 	snprintf(req.client_version, sizeof(req.client_version), "%s", FAKE_NV_VERSION);
 	if (ioctl(fd, NV_FAKE_IOCTL_CHECK_VERSION, &req) != 0) {
+		/*
+		 * The text users report and issue 11 quotes: NVML's major.minor, not the full version
+		 * (no NVIDIA repository has nvidia-smi's source). 18 is NVML_ERROR_LIB_RM_VERSION_MISMATCH
+		 * (NVIDIA/go-nvml gen/nvml/nvml.h), which nvidia-smi passes on as its exit status.
+		 */
+		int major = 0, minor = 0;
+
+		sscanf(FAKE_NV_VERSION, "%d.%d", &major, &minor);
 		printf("Failed to initialize NVML: Driver/library version mismatch\n");
-		printf("NVML library version: %s\n", FAKE_NV_VERSION);
+		printf("NVML library version: %d.%d\n", major, minor);
 		return 18;
 	}
 	if (glob("/proc/driver/nvidia/gpus/*", 0, NULL, &g) != 0)

@@ -4,10 +4,13 @@
  * It mimics what userspace and the helper can observe of the real driver:
  * MODULE_VERSION in sysfs, char major 195 ("nvidia-frontend") with GPU minors,
  * nvidiactl (255) and modeset (254), /proc/driver/nvidia/{version,gpus/<bus>/information},
- * exported symbols its sibling modules link against, and the real NVRM version check.
+ * exported symbols its sibling modules link against, the real NVRM version check, the char major
+ * alias that makes the kernel autoload it, and the dynamic "nvidia-caps" major (MIG capabilities).
  */
 #include <linux/module.h>
+#include <linux/cdev.h>
 #include <linux/fs.h>
+#include <linux/sched.h>
 #include <linux/proc_fs.h>
 #include <linux/seq_file.h>
 #include <linux/uaccess.h>
@@ -28,6 +31,19 @@ static char *NVreg_TemporaryFilePath = "";
 module_param(NVreg_TemporaryFilePath, charp, 0444);
 
 static struct proc_dir_entry *proc_nvidia;
+
+/*
+ * nvidia-caps: kernel-open/nvidia/nv-caps.c nv_cap_drv_init() takes a dynamic major for 8192 minors
+ * (alloc_chrdev_region(..., 0, NV_CAP_DRV_MINOR_COUNT, "nvidia-caps")). Its nodes,
+ * /dev/nvidia-caps/nvidia-cap<minor>, are made by nvidia-modprobe (modprobe-utils/
+ * nvidia-modprobe-utils.c nvidia_cap_mknod), not udev, with the major read from /proc/devices:
+ * after a reload that hands out another major they point at nothing, or at another driver.
+ */
+#define NV_CAP_DRV_MINOR_COUNT 8192
+static dev_t caps_devno;
+static struct cdev caps_cdev;
+static int caps_open(struct inode *inode, struct file *f) { return 0; }
+static const struct file_operations caps_fops = { .owner = THIS_MODULE, .open = caps_open };
 
 const char *nv_fake_version(void)
 {
@@ -51,12 +67,17 @@ static long nv_ioctl(struct file *f, unsigned int cmd, unsigned long arg)
 		return -EFAULT;
 	req.client_version[sizeof(req.client_version) - 1] = '\0';
 	if (strcmp(req.client_version, FAKE_NV_VERSION) != 0) {
-		/* The real driver's text, line breaks and double spaces included. */
-		printk(KERN_ERR "NVRM: API mismatch: the client has the version %s, but\n"
-		       "NVRM: this kernel module has the version %s.  Please\n"
-		       "NVRM: make sure that this kernel module and all NVIDIA driver\n"
-		       "NVRM: components have the same version.\n",
-		       req.client_version, FAKE_NV_VERSION);
+		/*
+		 * The real text since 575.51.02, line breaks and double spaces included, naming the
+		 * client: src/nvidia/arch/nvalloc/unix/src/osapi.c RmPerformVersionCheck() in
+		 * NVIDIA/open-gpu-kernel-modules 595.45.04 (procName is 32 bytes; current->comm fits).
+		 */
+		printk(KERN_ERR "NVRM: API mismatch: the client '%s' (pid %u)\n"
+		       "NVRM: has the version %s, but this kernel module has\n"
+		       "NVRM: the version %s.  Please make sure that this\n"
+		       "NVRM: kernel module and all NVIDIA driver components\n"
+		       "NVRM: have the same version.\n",
+		       current->comm, task_tgid_nr(current), req.client_version, FAKE_NV_VERSION);
 		req.reply = 0;
 		strscpy(req.client_version, FAKE_NV_VERSION, sizeof(req.client_version));
 		if (copy_to_user((void __user *)arg, &req, sizeof(req)))
@@ -123,13 +144,22 @@ static int __init nv_init(void)
 	pr_err("NVRM: fake: nvidia built to fail its init\n");
 	return -ENODEV;
 #endif
-	err = register_chrdev(NV_MAJOR, "nvidia-frontend", &nv_fops);
+	err = alloc_chrdev_region(&caps_devno, 0, NV_CAP_DRV_MINOR_COUNT, "nvidia-caps");
 	if (err < 0)
 		return err;
+	cdev_init(&caps_cdev, &caps_fops);
+	caps_cdev.owner = THIS_MODULE;
+	err = cdev_add(&caps_cdev, caps_devno, NV_CAP_DRV_MINOR_COUNT);
+	if (err < 0)
+		goto out_caps;
+	err = register_chrdev(NV_MAJOR, "nvidia-frontend", &nv_fops);
+	if (err < 0)
+		goto out_cdev;
 	proc_nvidia = proc_mkdir("driver/nvidia", NULL);
 	if (!proc_nvidia) {
 		unregister_chrdev(NV_MAJOR, "nvidia-frontend");
-		return -ENOMEM;
+		err = -ENOMEM;
+		goto out_cdev;
 	}
 	proc_create_single("version", 0444, proc_nvidia, version_show);
 	gpus_dir = proc_mkdir("gpus", proc_nvidia);
@@ -143,12 +173,19 @@ static int __init nv_init(void)
 	}
 	pr_info("NVRM: loading NVIDIA UNIX x86_64 Kernel Module  %s (fake, %d GPUs)\n", FAKE_NV_VERSION, gpus);
 	return 0;
+out_cdev:
+	cdev_del(&caps_cdev);
+out_caps:
+	unregister_chrdev_region(caps_devno, NV_CAP_DRV_MINOR_COUNT);
+	return err;
 }
 
 static void __exit nv_exit(void)
 {
 	proc_remove(proc_nvidia);
 	unregister_chrdev(NV_MAJOR, "nvidia-frontend");
+	cdev_del(&caps_cdev);
+	unregister_chrdev_region(caps_devno, NV_CAP_DRV_MINOR_COUNT);
 	pr_info("NVRM: unloading NVIDIA UNIX x86_64 Kernel Module  %s (fake)\n", FAKE_NV_VERSION);
 }
 
@@ -157,3 +194,10 @@ module_exit(nv_exit);
 MODULE_LICENSE("GPL");
 MODULE_DESCRIPTION("NVIDIA-fake core module for tests");
 MODULE_VERSION(FAKE_NV_VERSION);
+/*
+ * kernel-open/nvidia/nv.c: MODULE_ALIAS_CHARDEV_MAJOR(NV_MAJOR_DEVICE_NUMBER), 195
+ * (kernel-open/common/inc/nv-chardev-numbers.h). An open of a /dev/nvidia* node while no driver
+ * has major 195 makes the kernel run modprobe char-major-195-<minor>: the module comes back by
+ * itself, from whatever tree modprobe reads.
+ */
+MODULE_ALIAS_CHARDEV_MAJOR(NV_MAJOR);

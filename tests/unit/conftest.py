@@ -41,7 +41,11 @@ def system(tmp_path, monkeypatch) -> FakeSystem:
             return f"{node.path} is {actual[0]}:{actual[1]}, the driver registered {node.major}:{node.minor}"
         return None
 
+    def char_nodes(root, directory):
+        return {path: number for path, number in fake.nodes.items() if path.rpartition("/")[0] == directory}
+
     monkeypatch.setattr(devices, "node_problem", node_problem)
+    monkeypatch.setattr(devices, "char_nodes", char_nodes)
     return fake
 
 

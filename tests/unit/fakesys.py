@@ -19,7 +19,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nvidia_kmod_swap.effects import KmodError  # noqa: E402
+from nvidia_kmod_swap.effects import KmodError, SystemEffects  # noqa: E402
 from nvidia_kmod_swap.modinfo import read_modinfo  # noqa: E402
 from nvidia_kmod_swap.paths import Root  # noqa: E402
 
@@ -103,6 +103,9 @@ class FakeSystem:
     modules: dict[str, Module] = field(default_factory=dict)
     nodes: dict[str, tuple[int, int]] = field(default_factory=dict)  # what udev has made in /dev
     uvm_major: int = 510
+    # nvidia-caps' dynamic major (kernel-open/nvidia/nv-caps.c alloc_chrdev_region): a test that
+    # reloads nvidia changes it, as another driver's major taken meanwhile does on a real machine.
+    caps_major: int = 509
     gpus: int = 1
     modules_disabled: bool = False
 
@@ -147,12 +150,27 @@ class FakeSystem:
             self.nodes.setdefault("/dev/nvidia-uvm-tools", (self.uvm_major, 1))
             self.sync()
 
+    def modprobe_confs(self) -> list[Path]:
+        """The modprobe.d files kmod reads (libkmod.c default_config_paths), as modprobe would."""
+        return sorted(p for d in ("etc/modprobe.d", "run/modprobe.d", "lib/modprobe.d")
+                      for p in (self.base / d).glob("*.conf"))
+
+    def nvidia_modprobe_caps(self, *minors: int) -> None:
+        """nvidia-modprobe -f /proc/driver/nvidia/capabilities/...: mknod /dev/nvidia-caps/nvidia-cap<minor>
+        with the major /proc/devices shows for nvidia-caps (modprobe-utils/nvidia-modprobe-utils.c
+        nvidia_cap_mknod); udev never touches these."""
+        for minor in minors:
+            self.nodes[f"/dev/nvidia-caps/nvidia-cap{minor}"] = (self.caps_major, minor)
+        self.sync()
+
     def load_driver(self, version: str, names=("nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm")) -> None:
         for name in names:
             self.add(name, version)
 
     def remove(self, name: str) -> None:
         del self.modules[name]
+        if name == "nvidia":
+            self.caps_major -= 1  # the next load gets another dynamic major (hostile: always)
         self.sync()
 
     def sync(self) -> None:
@@ -181,7 +199,7 @@ class FakeSystem:
         (self.base / "proc/sys/kernel/modules_disabled").write_text("1\n" if self.modules_disabled else "0\n")
         devices_text = "Character devices:\n  1 mem\n  4 tty\n"
         if "nvidia" in self.modules:
-            devices_text += "195 nvidia-frontend\n"
+            devices_text += f"195 nvidia-frontend\n{self.caps_major} nvidia-caps\n"
         if "nvidia_uvm" in self.modules:
             devices_text += f"{self.uvm_major} nvidia-uvm\n"
         devices_text += "\nBlock devices:\n  8 sd\n"
@@ -211,13 +229,16 @@ class FakeSystem:
         if not self.real_nodes:
             return
         dev = self.base / "dev"
-        for entry in dev.iterdir():
-            path = f"/dev/{entry.name}"
+        for entry in sorted(dev.rglob("*"), reverse=True):
+            path = "/" + str(entry.relative_to(self.base))
             st = os.lstat(entry)
+            if stat.S_ISDIR(st.st_mode):
+                continue
             if path not in self.nodes or (os.major(st.st_rdev), os.minor(st.st_rdev)) != self.nodes[path]:
                 entry.unlink()
         for path, (major, minor) in self.nodes.items():
             target = self.base / path.lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
             if not os.path.lexists(target):
                 os.mknod(target, stat.S_IFCHR | 0o666, os.makedev(major, minor))
 
@@ -270,6 +291,12 @@ class FakeEffects:
     systemctl_calls: list[list[str]] = field(default_factory=list)
     on_systemctl: object = None          # called with the args, e.g. to let a holder go
     command_output: tuple[int, str] | None = None  # the verify command's (status, output)
+    # A process opening /dev/nvidiactl all the time: whenever nvidia is gone, the kernel runs
+    # `modprobe char-major-195-255` (nvidia.ko's MODULE_ALIAS_CHARDEV_MAJOR(195), kernel-open/nvidia/nv.c)
+    # and modprobe loads this file (the booted driver), unless a modprobe.d `install nvidia ...` line
+    # in /run/modprobe.d (kmod's libkmod.c default_config_paths) says otherwise.
+    autoload_from: Path | None = None
+    autoloads: int = 0
 
     def _enter(self, op: str, name: str, path: str = "") -> None:
         self.calls.append((op, name))
@@ -304,6 +331,17 @@ class FakeEffects:
         if self.system.holders(name) or module.refcnt_extra:
             raise KmodError("unload", name, errno.EAGAIN)
         self.system.remove(name)
+        self._opener_autoloads()
+
+    def _opener_autoloads(self) -> None:
+        if self.autoload_from is None or "nvidia" in self.system.modules:
+            return
+        for conf in self.system.modprobe_confs():
+            if any(line.split()[:2] == ["install", "nvidia"] for line in conf.read_text().splitlines()):
+                return
+        info = read_modinfo(self.autoload_from)
+        self.system.add(info.name, info.version, info.depends, info.srcversion)
+        self.autoloads += 1
 
     def load_by_name(self, name: str) -> None:
         self._enter("modprobe", name)
@@ -315,6 +353,19 @@ class FakeEffects:
 
     def replay_add(self, module: str) -> None:
         self.system.udev_add(module)  # udev's rules mknod the module's nodes again
+
+    def replace_node(self, path: str, major: int, minor: int) -> None:
+        if path not in self.system.nodes:
+            raise FileNotFoundError(path)
+        self.system.nodes[path] = (major, minor)
+        self.system.sync()
+
+    def block_autoload(self, modules: list[str]) -> None:
+        SystemEffects(self.system.root).block_autoload(modules)  # a file write: the real one
+
+    def unblock_autoload(self) -> None:
+        SystemEffects(self.system.root).unblock_autoload()
+        self._opener_autoloads()
 
     def systemctl(self, args: list[str]) -> None:
         self.systemctl_calls.append(list(args))
@@ -348,6 +399,7 @@ def make_config(store: Path, module_dirs: list[Path], rollback_dirs: list[Path] 
         "rollback_dirs": [str(d) for d in rollback_dirs],
         "state_dir": "/run/nvidia-kmod-swap",
         "settle_timeout_s": 0.2,
+        "busy_grace_s": 0,  # tests of transient holders set their own
         "allowed_prefixes": [str(store) + "/"],
     }
     config.update(overrides)

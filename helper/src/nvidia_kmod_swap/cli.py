@@ -3,6 +3,8 @@
 Run by systemd before nvidia-persistenced starts:
   ExecCondition=+nvidia-kmod-swap --config FILE check
   ExecStartPre=+nvidia-kmod-swap --config FILE swap
+and by a timer while a swap is deferred:
+  nvidia-kmod-swap --config FILE retry-deferred
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from .quick import STATE_FILE, try_noop
 TYPE_CHECKING = False  # mypy's always_true: annotations only, the no-op path imports no typing
 if TYPE_CHECKING:
     import argparse
+    from typing import Any
 
     from .config import Config
     from .effects import Effects
@@ -28,6 +31,13 @@ exit codes:
           under on_busy=defer, or a new kernel awaits a reboot), 255 refused or broken config
   swap    0 swapped, loaded or nothing to do; 1 refused (nothing touched); 3 failed and rolled
           back (the old driver is loaded); 4 rollback failed too; 75 deferred; 255 broken config
+  retry-deferred
+          0 nothing deferred, still busy, or the deferred swap was started; 1 starting the
+          swap unit failed; 255 broken config
+
+A process that holds /dev/nvidia* for a moment (NVML, nvidia-smi) is waited for up to
+busy_grace_s before a swap is deferred. A deferred swap is recorded in the state directory;
+`retry-deferred` starts the swap unit once the GPU is idle, then the GPU units again.
 
 Every decision goes to the journal (journalctl -u nvidia-persistenced, or
 SYSLOG_IDENTIFIER=nvidia-kmod-swap) with its reason, versions, modules and GPU holders.
@@ -58,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     swap = sub.add_parser("swap", help="for ExecStartPre=: swap or load the modules; roll back on failure")
     swap.add_argument("--retry", action="store_true",
                       help="retry a swap that failed before with the same files (not retried otherwise)")
+    sub.add_parser("retry-deferred", help="for a timer: finish a deferred swap once the GPU is idle (starts the "
+                   "swap unit, then the GPU units)")
     return parser
 
 
@@ -86,6 +98,8 @@ def main(argv: list[str] | None = None, effects: Effects | None = None) -> int:
             return _swap(root, config, reporter, effects, args.retry)
         if args.command == "plan":
             return _plan(root, config, args.json)
+        if args.command == "retry-deferred":
+            return _retry_deferred(root, config, reporter, effects)
         return _status(root, config, args.json)
     except Exception as e:  # a bug or a system we did not expect: say so, and never exit 1 (= skip)
         import traceback
@@ -105,19 +119,28 @@ def _pending(root: Root, config: Config) -> bool:
 def _check(root: Root, config: Config, reporter: Reporter) -> int:
     from .facts import make_plan
     from .plan import DEFER, REFUSE
-    from .state import StateError
+    from .state import StateDir, StateError
+    from .swap import plan_after_grace, record_deferral
 
     if _pending(root, config):
         return 0  # an interrupted swap: `swap` recovers it first
     try:
-        plan = make_plan(root, config)
+        plan = plan_after_grace(root, config, make_plan(root, config))
     except StateError as e:
         reporter.event("refused", f"refused: {e}", "err", reason=str(e))
         return 255
     if plan.action == DEFER:
-        reporter.event("deferred", f"deferred, not starting: {plan.reason}", "warning", reason=plan.reason,
+        state = StateDir(root(config.state_dir))
+        try:
+            state.ensure()
+        except StateError:
+            pass  # record_deferral is best effort
+        record = record_deferral(state, plan)
+        retry = " (retried when the GPU is idle)" if plan.waits_for == "idle" else ""
+        reporter.event("deferred", f"deferred, not starting{retry}: {plan.reason}", "warning", reason=plan.reason,
                        holder_pids=[h.pid for h in plan.holders], holder_units=[h.unit for h in plan.holders if h.unit],
-                       loaded_version=plan.loaded_version, expected_version=plan.expected_version)
+                       loaded_version=plan.loaded_version, expected_version=plan.expected_version,
+                       waits_for=plan.waits_for, deferred_since=record.since if record else None)
         return 1
     if plan.action == REFUSE:
         reporter.event("refused", f"refused: {plan.reason}", "err", reason=plan.reason,
@@ -142,6 +165,64 @@ def _swap(root: Root, config: Config, reporter: Reporter, effects: Effects | Non
     except (SwapFailed, StateError) as e:
         reporter.event("refused", f"refused: {e}", "err", reason=str(e))
         return EXIT_REFUSED
+
+
+def _retry_deferred(root: Root, config: Config, reporter: Reporter, effects: Effects | None) -> int:
+    """A deferred swap waiting for an idle GPU: once no process holds /dev/nvidia*, start the unit
+    that swaps (its `check` and `swap` decide again), then the GPU units ordered after it."""
+    import time
+
+    from .facts import make_plan
+    from .holders import find_holders
+    from .plan import DEFER, NONE
+    from .snapshot import read_snapshot
+    from .state import DEFERRED_RECORD, StateDir
+
+    state = StateDir(root(config.state_dir))
+    record = state.deferred()
+    if record is None:
+        return 0
+    if record.waits_for != "idle":
+        return 0  # a new kernel: only a reboot helps
+    if find_holders(root):
+        return 0  # still busy: the next tick looks again
+    plan = make_plan(root, config)
+    if plan.action == NONE:
+        state.remove(DEFERRED_RECORD)
+        return 0
+    if plan.action == DEFER and plan.waits_for == "idle":
+        return 0
+    if effects is None:
+        if not root.is_live:
+            return 0
+        from .effects import SystemEffects
+
+        effects = SystemEffects(root)
+    from .effects import EffectError
+
+    waited = time.time() - record.since
+    reporter.event("retry", f"the GPU is idle: finishing the swap to {config.driver_version} deferred {waited:.0f}s "
+                   f"ago ({record.reason}); starting {config.swap_unit}", "notice",
+                   expected_version=config.driver_version, loaded_version=plan.loaded_version)
+    try:
+        effects.systemctl(["start", config.swap_unit])
+    except EffectError as e:
+        reporter.event("failed", f"starting {config.swap_unit} for the deferred swap failed: {e}", "err", reason=str(e))
+        return 1
+    loaded = read_snapshot(root).version("nvidia")
+    if loaded != config.driver_version:
+        return 0  # deferred again, or refused: the swap unit's run said why
+    state.remove(DEFERRED_RECORD)
+    if config.gpu_units:
+        # They were skipped while the swap was deferred, and GPU state they set (power limits, MIG,
+        # fabric manager) went with the old driver: run them again.
+        try:
+            effects.systemctl(["restart", "--no-block", *config.gpu_units])
+        except EffectError as e:
+            reporter.event("failed", f"could not start the GPU units again: {e}", "err", reason=str(e))
+            return 1
+        reporter.event("step", f"started {', '.join(config.gpu_units)} again after the deferred swap", "notice")
+    return 0
 
 
 def _plan(root: Root, config: Config, as_json: bool) -> int:
@@ -186,9 +267,22 @@ def _status(root: Root, config: Config, as_json: bool) -> int:
     holders = find_holders(root) if family else []
     pending = _pending(root, config)
     from .journal import read_decisions, summarize
+    from .state import StateDir, StateError
 
     decisions = read_decisions() if root.is_live else None
-    history = summarize(decisions) if decisions is not None else {"last_swap": None, "pending": None}
+    history: dict[str, Any] = (summarize(decisions) if decisions is not None
+                               else {"last_swap": None, "pending": None})
+    try:
+        record = StateDir(root(config.state_dir)).deferred()
+    except StateError:
+        record = None
+    if record is not None and change:
+        import time
+
+        # The state directory's record is the helper's own, and there even without systemd-python.
+        history["pending"] = {"since": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.since)),
+                              "why": record.reason, "waits_for": record.waits_for,
+                              "holder_units": list(record.holder_units)}
     if as_json:
         print(json.dumps({
             "running_kernel": snapshot.kernel_release,
@@ -219,6 +313,8 @@ def _status(root: Root, config: Config, as_json: bool) -> int:
     if history["pending"] and change:
         deferred = history["pending"]
         print(f"deferred since:  {deferred['since']}: {deferred['why']}")
+        if deferred.get("waits_for") == "idle":
+            print("                 the swap runs by itself once the GPU is idle (retry-deferred)")
     if decisions is None and root.is_live:
         print("(no systemd-python: the journal's history is not shown)")
     return 0

@@ -95,6 +95,64 @@ def udev_busy(root: Root) -> bool:
 
 NODE_MODULES = ("nvidia", "nvidia_modeset", "nvidia_uvm")  # the modules whose add event makes nodes
 
+# Nodes that nvidia-modprobe makes, not udev (modprobe-utils/nvidia-modprobe-utils.h in
+# NVIDIA/nvidia-modprobe: NV_CAP_DEVICE_NAME "/dev/nvidia-caps/nvidia-cap%d",
+# NV_CAPS_IMEX_CHANNEL_DEVICE_NAME "/dev/nvidia-caps-imex-channels/channel%d"), with the dynamic
+# major the driver registered under that name in /proc/devices (kernel-open/nvidia/nv-caps.c,
+# nv-caps-imex.c). The minor is the capability's and survives a reload; the major may not.
+MODPROBE_NODE_DIRS = {"/dev/nvidia-caps": "nvidia-caps", "/dev/nvidia-caps-imex-channels": "nvidia-caps-imex-channels"}
+
+
+@dataclass(frozen=True)
+class NodeFix:
+    path: str
+    major: int | None  # the major to point at now; None: the driver no longer registers one
+    minor: int
+    was: int
+
+
+def char_nodes(root: Root, directory: str) -> dict[str, tuple[int, int]]:
+    """The character devices in DIRECTORY (not below it): path -> (major, minor)."""
+    nodes = {}
+    try:
+        entries = list(os.scandir(root(directory)))
+    except OSError:
+        return {}
+    for entry in entries:
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if stat.S_ISCHR(st.st_mode):
+            nodes[f"{directory}/{entry.name}"] = (os.major(st.st_rdev), os.minor(st.st_rdev))
+    return nodes
+
+
+def modprobe_node_fixes(root: Root) -> list[NodeFix]:
+    """Nodes under MODPROBE_NODE_DIRS whose major is not the one the loaded driver registered."""
+    majors = char_majors(root)
+    fixes = []
+    for directory, name in MODPROBE_NODE_DIRS.items():
+        want = majors.get(name)
+        for path, (major, minor) in sorted(char_nodes(root, directory).items()):
+            if major != want:
+                fixes.append(NodeFix(path, want, minor, major))
+    return fixes
+
+
+def fix_modprobe_nodes(root: Root, effects: Effects) -> list[str]:
+    """Points nvidia-modprobe's nodes at the loaded driver's majors (a node whose name the driver
+    no longer registers is removed: nvidia-modprobe makes it again on demand); returns what was done."""
+    done = []
+    for fix in modprobe_node_fixes(root):
+        if fix.major is None:
+            effects.remove_node(fix.path)
+            done.append(f"removed {fix.path} ({fix.was}:{fix.minor}, no such driver now)")
+        else:
+            effects.replace_node(fix.path, fix.major, fix.minor)
+            done.append(f"{fix.path} {fix.was}:{fix.minor} -> {fix.major}:{fix.minor}")
+    return done
+
 
 class UdevWatch:
     """udev's processed "add" events of kernel modules, from the moment it is made."""

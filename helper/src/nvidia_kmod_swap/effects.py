@@ -2,7 +2,10 @@
 
 - kernel modules: load a file by absolute path (finit_module/init_module), unload by name
   (delete_module), load a kernel module by name (modprobe, for drm and the like);
-- device nodes: remove a stale node, replay a module's "add" uevent so udev makes it again;
+- device nodes: remove a stale node, replay a module's "add" uevent so udev makes it again,
+  replace a node nvidia-modprobe made (nvidia-caps) with one of the new major;
+- module autoload: a modprobe.d file that keeps the kernel and nvidia-modprobe from loading the
+  booted driver while none is loaded;
 - systemd units: systemctl stop/start;
 - the verify command;
 - the Nix GC roots that keep the loaded driver's files.
@@ -18,12 +21,14 @@ import ctypes
 import errno
 import os
 import platform
+import stat
 import subprocess
 from pathlib import Path
 from typing import Protocol
 
 from .modinfo import read_bytes
 from .paths import Root
+from .rules import AUTOLOAD_BLOCK
 
 SYSCALLS = {
     "x86_64": {"init_module": 175, "delete_module": 176, "finit_module": 313},
@@ -61,6 +66,9 @@ class Effects(Protocol):
     def load_by_name(self, name: str) -> None: ...
     def remove_node(self, path: str) -> None: ...
     def replay_add(self, module: str) -> None: ...
+    def replace_node(self, path: str, major: int, minor: int) -> None: ...
+    def block_autoload(self, modules: list[str]) -> None: ...
+    def unblock_autoload(self) -> None: ...
     def systemctl(self, args: list[str]) -> None: ...
     def run_command(self, argv: list[str], timeout: float) -> tuple[int, str]: ...
     def set_gc_roots(self, directory: str, targets: dict[str, str]) -> None: ...
@@ -128,6 +136,40 @@ class SystemEffects:
             self.root(f"/sys/module/{module}/uevent").write_text("add")
         except OSError:
             pass
+
+    def replace_node(self, path: str, major: int, minor: int) -> None:
+        """PATH becomes a character device MAJOR:MINOR with the old node's mode and owner, in one
+        rename (what nvidia-modprobe's mknod_helper does with a node of the wrong number, minus the
+        moment without a node)."""
+        target = self.root(path)
+        old = os.lstat(target)
+        tmp = target.with_name(f".{target.name}.nvidia-kmod-swap")
+        tmp.unlink(missing_ok=True)
+        os.mknod(tmp, stat.S_IFCHR | stat.S_IMODE(old.st_mode), os.makedev(major, minor))
+        try:
+            os.chown(tmp, old.st_uid, old.st_gid)
+            os.chmod(tmp, stat.S_IMODE(old.st_mode))
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    # -- module autoload -------------------------------------------------------------------------
+    def block_autoload(self, modules: list[str]) -> None:
+        """Until unblock_autoload: modprobe of MODULES (by name or by alias, e.g. the kernel's
+        char-major-195-255 when something opens /dev/nvidiactl) runs `false` instead of loading the
+        booted driver. Our own loads are by file (finit_module) and do not go through modprobe."""
+        path = self.root(AUTOLOAD_BLOCK)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lines = ["# nvidia-kmod-swap: a driver swap is in progress; removed when it ends (a stale copy is",
+                 "# removed by the next run of nvidia-kmod-swap). See `nvidia-kmod-swap status`."]
+        lines += [f"install {name} false" for name in modules]
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("\n".join(lines) + "\n")
+        os.replace(tmp, path)
+
+    def unblock_autoload(self) -> None:
+        self.root(AUTOLOAD_BLOCK).unlink(missing_ok=True)
 
     # -- units and commands ----------------------------------------------------------------------
     def systemctl(self, args: list[str]) -> None:

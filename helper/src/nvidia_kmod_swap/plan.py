@@ -75,6 +75,7 @@ class Plan:
     holders: tuple[Holder, ...] = ()
     stop_units: tuple[str, ...] = ()
     direction: str = ""  # install, upgrade, downgrade (a rollback generation) or "" (no change)
+    waits_for: str = ""  # what a deferral waits for: "idle" (the GPU's users) or "reboot" (a new kernel)
 
     @property
     def changes_kernel(self) -> bool:
@@ -147,7 +148,7 @@ def triage(snapshot: Snapshot, config: Config, foreign: Iterable[str] = ()) -> P
     if config.kernel_release != snapshot.kernel_release:
         reason = (f"{what}, the profile has {config.driver_version} built for kernel {config.kernel_release}, "
                   f"but kernel {snapshot.kernel_release} is running: a reboot is required")
-        return Plan(DEFER if config.on_kernel_change == "defer" else REFUSE, reason, **base)
+        return Plan(DEFER if config.on_kernel_change == "defer" else REFUSE, reason, waits_for="reboot", **base)
     try:
         direction(base["loaded_version"], config.driver_version)
     except ValueError as e:
@@ -342,7 +343,7 @@ def plan_change(snapshot: Snapshot, config: Config, new: Inventory, old: Invento
             if config.on_busy == "fail":
                 return Plan(REFUSE, reason, holders=tuple(procs), direction=how, **base)
             return Plan(DEFER, reason + ". The loaded driver stays until they stop", holders=tuple(procs),
-                        direction=how, **base)
+                        direction=how, waits_for="idle", **base)
 
     return Plan(action, change, unload=unload, load=load, rollback=tuple(rollback),
                 prerequisites=tuple(prerequisites), direction=how, **base)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 
-from .rules import CORE, DEFAULT_STATE_DIR, STATE_FILE, ConfigError, driver_closure, parse_proc_modules, stale, validate
+from .rules import AUTOLOAD_BLOCK, CORE, DEFAULT_STATE_DIR, DEFERRED_RECORD, STATE_FILE, ConfigError, driver_closure, parse_proc_modules, stale, validate
 
 __all__ = ["STATE_FILE", "try_noop"]
 
@@ -31,7 +31,7 @@ def _parse(argv: list[str]) -> dict[str, str] | None:
         else:
             rest.append(arg)
         i += 1
-    if len(rest) != 1 or rest[0] not in ("check", "swap"):
+    if len(rest) != 1 or rest[0] not in ("check", "swap", "retry-deferred"):
         return None
     return {"command": rest[0], "root": opts["--root"], "log_target": opts["--log-target"],
             "config": opts["--config"] or os.path.join(opts["--root"], "etc/nvidia-kmod-swap/config.json")}
@@ -63,8 +63,11 @@ def try_noop(argv: list[str]) -> int | None:
     def path(p: str) -> str:
         return os.path.join(root, p.lstrip("/"))
 
-    if os.path.lexists(os.path.join(path(state_dir), STATE_FILE)):
-        return None  # an interrupted swap: the full path recovers it
+    if args["command"] == "retry-deferred":
+        # The timer's tick, every few seconds for good: nothing deferred is nothing to do.
+        return None if os.path.lexists(os.path.join(path(state_dir), DEFERRED_RECORD)) else 0
+    if os.path.lexists(os.path.join(path(state_dir), STATE_FILE)) or os.path.lexists(path(AUTOLOAD_BLOCK)):
+        return None  # an interrupted swap (or its autoload block): the full path recovers it
     modules = _read(path("/proc/modules"))
     if modules is None:
         return None

@@ -16,6 +16,12 @@ if TYPE_CHECKING:
     from typing import Any
 
 STATE_FILE = "swap.json"  # an interrupted swap's record, in the state dir
+DEFERRED_RECORD = "deferred.json"  # a swap deferred while the GPU is busy, in the state dir
+# While the old driver is unloaded and the new one not yet loaded, kmod (libkmod.c
+# default_config_paths, also in nixpkgs' patched kmod) reads this directory: an `install` line
+# here stops the kernel's autoload (char-major-195-*) and nvidia-modprobe from loading the
+# booted driver into the gap.
+AUTOLOAD_BLOCK = "/run/modprobe.d/nvidia-kmod-swap.conf"
 DEFAULT_STATE_DIR = "/run/nvidia-kmod-swap"
 DEFAULT_MODULES = ("nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm")
 ON_BUSY = ("defer", "fail", "stop-units")
@@ -80,6 +86,23 @@ def _positive(key: str, value: object) -> float:
     return float(value)
 
 
+def _not_negative(key: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ConfigError(f"config key {key!r}: expected a number >= 0, got {value!r}")
+    return float(value)
+
+
+def _unit(key: str, value: object) -> str:
+    unit = _str(key, value)
+    if "/" in unit or not unit.endswith((".service", ".target")):
+        raise ConfigError(f"config key {key!r}: expected a unit name like 'nvidia-persistenced.service', got {unit!r}")
+    return unit
+
+
+def _units(key: str, value: object) -> tuple[str, ...]:
+    return tuple(_unit(key, unit) for unit in _str_list(key, value))
+
+
 PARSERS: dict[str, Callable[[str, object], Any]] = {
     "driver_version": _str,
     "kernel_release": _str,
@@ -94,6 +117,10 @@ PARSERS: dict[str, Callable[[str, object], Any]] = {
     "state_dir": lambda k, v: _abs(k, _str(k, v)),
     "allowed_prefixes": _abs_list,
     "gc_root_dir": lambda k, v: None if v is None else _abs(k, _str(k, v)),
+    "busy_grace_s": _not_negative,
+    "lock_timeout_s": _positive,
+    "swap_unit": _unit,
+    "gpu_units": _units,
 }
 KEYS = frozenset(PARSERS)
 

@@ -4,6 +4,8 @@ swap.json    a swap in progress: written before every step, so that a run after 
              what to finish or roll back (and which stopped units to start again)
 loaded.json  the files our last successful swap loaded: the next swap's rollback source
 failed.json  a swap that failed and was rolled back: not retried with the same files
+deferred.json  a swap deferred until the GPU is idle (or a reboot): since when, why, who holds
+             the GPU; `retry-deferred` (a timer) finishes it when the holders are gone
 
 A record that exists but cannot be read as its format is a StateError, never "no record": acting on
 a guess could unload the driver and load nothing.
@@ -19,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from .plan import LoadStep
-from .rules import STATE_FILE
+from .rules import DEFERRED_RECORD, STATE_FILE
 
 FORMAT = 2
 LOADED_RECORD = "loaded.json"
 FAILED_RECORD = "failed.json"
 
-__all__ = ["FAILED_RECORD", "FORMAT", "LOADED_RECORD", "STATE_FILE", "FailedRecord", "LoadedRecord",
+__all__ = ["DEFERRED_RECORD", "FAILED_RECORD", "DeferredRecord", "FORMAT", "LOADED_RECORD", "STATE_FILE", "FailedRecord", "LoadedRecord",
            "StateError", "StateDir", "SwapState"]
 
 
@@ -118,6 +120,37 @@ class FailedRecord:
 
 
 @dataclass(frozen=True)
+class DeferredRecord:
+    """A deferred swap. WAITS_FOR: "idle" (processes hold the GPU) or "reboot" (a new kernel)."""
+
+    expected_version: str
+    loaded_version: str | None
+    waits_for: str
+    reason: str
+    holder_pids: tuple[int, ...] = ()
+    holder_units: tuple[str, ...] = ()
+    since: float = field(default_factory=time.time)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["format"] = FORMAT
+        return data
+
+    @classmethod
+    def from_json(cls, data: object, where: str) -> DeferredRecord:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise StateError(f"{where}: not a record this helper reads (format {FORMAT})")
+        try:
+            return cls(str(data["expected_version"]), data.get("loaded_version"), str(data["waits_for"]),
+                       str(data.get("reason", "")), tuple(int(p) for p in data.get("holder_pids", ())),
+                       tuple(str(u) for u in data.get("holder_units", ())), float(data["since"]))
+        except KeyError as e:
+            raise StateError(f"{where}: missing {e.args[0]!r}") from e
+        except (TypeError, ValueError) as e:
+            raise StateError(f"{where}: {e}") from e
+
+
+@dataclass(frozen=True)
 class StateDir:
     path: Path
 
@@ -202,3 +235,20 @@ class StateDir:
                 or not isinstance(data.get("load"), list) or not all(isinstance(p, str) for p in data["load"])):
             raise StateError(f"{where}: not a record this helper reads (format 1 or {FORMAT})")
         return FailedRecord(data["driver_version"], tuple(data["load"]), str(data.get("reason", "")))
+
+    def deferred(self) -> DeferredRecord | None:
+        data = self._read(DEFERRED_RECORD)
+        return None if data is None else DeferredRecord.from_json(data, str(self.path / DEFERRED_RECORD))
+
+    def record_deferral(self, record: DeferredRecord) -> DeferredRecord:
+        """Writes RECORD, keeping the `since` of a deferral of the same swap; returns what was written."""
+        try:
+            previous = self.deferred()
+        except StateError:
+            previous = None
+        if (previous is not None and previous.expected_version == record.expected_version
+                and previous.loaded_version == record.loaded_version and previous.waits_for == record.waits_for):
+            record = DeferredRecord(record.expected_version, record.loaded_version, record.waits_for, record.reason,
+                                    record.holder_pids, record.holder_units, previous.since)
+        self.write(DEFERRED_RECORD, record.to_json())
+        return record

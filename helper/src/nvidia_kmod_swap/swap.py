@@ -10,6 +10,7 @@ starts the units it had stopped, before it does anything else.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import signal
@@ -22,14 +23,15 @@ from types import FrameType
 
 from . import devices
 from .config import Config
-from .effects import EffectError, Effects
+from .effects import EffectError, Effects, KmodError
 from .facts import make_plan
 from .holders import find_holders
 from .journal import Reporter
 from .paths import Root
 from .plan import DEFER, NONE, REFUSE, LoadStep, Plan, allowed, plan_restore, q, restore_problems
+from .rules import AUTOLOAD_BLOCK, CORE
 from .snapshot import Snapshot, read_snapshot
-from .state import FAILED_RECORD, LOADED_RECORD, STATE_FILE, FailedRecord, LoadedRecord, StateDir, StateError, SwapState
+from .state import DEFERRED_RECORD, FAILED_RECORD, LOADED_RECORD, STATE_FILE, DeferredRecord, FailedRecord, LoadedRecord, StateDir, StateError, SwapState
 
 EXIT_OK, EXIT_REFUSED, EXIT_ROLLED_BACK, EXIT_ROLLBACK_FAILED, EXIT_DEFERRED = 0, 1, 3, 4, 75
 LOCK_FILE = "lock"
@@ -38,7 +40,7 @@ FAILPOINT_ENV = "NVIDIA_KMOD_SWAP_KILL_AT_STEP"
 VERIFY_TIMEOUT_S = 60.0
 
 __all__ = ["EXIT_DEFERRED", "EXIT_OK", "EXIT_REFUSED", "EXIT_ROLLBACK_FAILED", "EXIT_ROLLED_BACK", "STATE_FILE",
-           "SwapFailed", "Swapper", "Terminated"]
+           "SwapFailed", "Swapper", "Terminated", "plan_after_grace", "record_deferral"]
 
 
 class SwapFailed(Exception):
@@ -53,6 +55,30 @@ class Terminated(Exception):
 def _env_int(name: str) -> int | None:
     value = os.environ.get(name)
     return int(value) if value and value.isdigit() else None
+
+
+def plan_after_grace(root: Root, config: Config, plan: Plan, retry: bool = False) -> Plan:
+    """A plan that processes' holds stand in the way of, made again once they are gone or after
+    config.busy_grace_s: NVML, nvidia-smi or a CDI generator open /dev/nvidiactl for a moment, and
+    such a moment between `check` and `swap` must not fail or defer the unit."""
+    if not plan.holders or config.busy_grace_s <= 0:
+        return plan
+    deadline = time.monotonic() + config.busy_grace_s
+    while find_holders(root):
+        if time.monotonic() >= deadline:
+            return plan
+        time.sleep(0.1)
+    return make_plan(root, config, retry=retry)
+
+
+def record_deferral(state: StateDir, plan: Plan) -> DeferredRecord | None:
+    """Writes the deferred record (best effort: a deferral must not fail on its bookkeeping)."""
+    record = DeferredRecord(plan.expected_version, plan.loaded_version, plan.waits_for or "idle", plan.reason,
+                            tuple(h.pid for h in plan.holders), tuple(sorted({h.unit for h in plan.holders if h.unit})))
+    try:
+        return state.record_deferral(record)
+    except (OSError, StateError):
+        return None
 
 
 def describe_loaded(snapshot: Snapshot, names: Iterable[str]) -> str:
@@ -70,7 +96,7 @@ class Swapper:
     config: Config
     effects: Effects
     reporter: Reporter
-    lock_timeout_s: float = 300.0
+    lock_timeout_s: float | None = None  # default: config.lock_timeout_s
     retry: bool = False
     kill_at_step: int | None = field(default_factory=lambda: _env_int(FAILPOINT_ENV))
     _step: int = 0
@@ -88,20 +114,32 @@ class Swapper:
             raise SwapFailed(f"{e}; nothing was touched") from e
         with self._lock(), self._sigterm():
             try:
-                pending = self.state.swap_state()
-            except StateError as e:
-                snapshot = read_snapshot(self.root)
-                self.reporter.event("rollback-failed", f"refusing to act: {e}. A swap may have been interrupted; "
-                                    f"the loaded modules are {describe_loaded(snapshot, snapshot.family())}. "
-                                    f"Check them (nvidia-kmod-swap status), then remove {self.state.path / STATE_FILE}",
-                                    "crit", reason=str(e))
-                return EXIT_ROLLBACK_FAILED
-            if pending is not None:
-                code = self._recover(pending)
-                if code == EXIT_ROLLBACK_FAILED:
-                    return code
-            plan = make_plan(self.root, self.config, retry=self.retry)
-            return self._execute(plan)
+                return self._run_locked()
+            finally:
+                # After a swap, a rollback, a recovery or a crash of an earlier run: never leave the
+                # kernel unable to load the driver by name.
+                if os.path.lexists(self.root(AUTOLOAD_BLOCK)):
+                    try:
+                        self.effects.unblock_autoload()
+                    except OSError as e:
+                        self.reporter.event("step", f"could not remove {AUTOLOAD_BLOCK}: {e.strerror}", "warning")
+
+    def _run_locked(self) -> int:
+        try:
+            pending = self.state.swap_state()
+        except StateError as e:
+            snapshot = read_snapshot(self.root)
+            self.reporter.event("rollback-failed", f"refusing to act: {e}. A swap may have been interrupted; "
+                                f"the loaded modules are {describe_loaded(snapshot, snapshot.family())}. "
+                                f"Check them (nvidia-kmod-swap status), then remove {self.state.path / STATE_FILE}",
+                                "crit", reason=str(e))
+            return EXIT_ROLLBACK_FAILED
+        if pending is not None:
+            code = self._recover(pending)
+            if code == EXIT_ROLLBACK_FAILED:
+                return code
+        plan = make_plan(self.root, self.config, retry=self.retry)
+        return self._execute(plan_after_grace(self.root, self.config, plan, self.retry))
 
     @contextmanager
     def _lock(self) -> Iterator[None]:
@@ -110,7 +148,8 @@ class Swapper:
         except OSError as e:
             raise SwapFailed(f"cannot open the lock {self.state.path / LOCK_FILE}: {e.strerror}; nothing was touched") from e
         try:
-            deadline = time.monotonic() + self.lock_timeout_s
+            timeout = self.config.lock_timeout_s if self.lock_timeout_s is None else self.lock_timeout_s
+            deadline = time.monotonic() + timeout
             waited = False
             while True:
                 try:
@@ -121,7 +160,7 @@ class Swapper:
                         self.reporter.event("step", "another nvidia-kmod-swap run holds the lock; waiting", "notice")
                         waited = True
                     if time.monotonic() > deadline:
-                        raise SwapFailed(f"another run held {self.state.path / LOCK_FILE} for {self.lock_timeout_s:.0f}s") from None
+                        raise SwapFailed(f"another run held {self.state.path / LOCK_FILE} for {timeout:.0f}s") from None
                     time.sleep(0.1)
             yield
         finally:
@@ -168,11 +207,14 @@ class Swapper:
         fields: dict[str, object] = dict(action=plan.action, loaded_version=plan.loaded_version,
                                          expected_version=plan.expected_version, direction=plan.direction)
         if plan.action == NONE:
+            self.state.remove(DEFERRED_RECORD)
             self.reporter.event("noop", plan.reason, **fields)
             return EXIT_OK
         if plan.action == DEFER:
+            record_deferral(self.state, plan)
             self.reporter.event("deferred", f"deferred: {plan.reason}", "warning", reason=plan.reason,
-                                holder_pids=[h.pid for h in plan.holders], holder_units=[h.unit for h in plan.holders if h.unit], **fields)
+                                holder_pids=[h.pid for h in plan.holders], holder_units=[h.unit for h in plan.holders if h.unit],
+                                waits_for=plan.waits_for, **fields)
             return EXIT_DEFERRED
         problem = self._preflight()
         if plan.action == REFUSE or problem:
@@ -243,9 +285,12 @@ class Swapper:
             for name in plan.prerequisites:
                 self._record_step(swap, "prerequisites", f"load {name} from the running kernel's tree")
                 self.effects.load_by_name(name)
+            # From the first unload until the new driver is loaded, an open of a stale /dev/nvidia*
+            # node would make the kernel modprobe the booted driver (MODULE_ALIAS_CHARDEV_MAJOR(195)).
+            self.effects.block_autoload(sorted({CORE, *plan.unload, *(s.name for s in plan.load)}))
             for name in plan.unload:
                 self._record_step(swap, "unloading", f"unload {name} {plan.loaded_version or ''}".strip())
-                self.effects.unload(name)
+                self._unload(name)
                 swap.changed = True
             watch = devices.UdevWatch(self.root)  # before the loads: their udev events are not missed
             for step in plan.load:
@@ -272,11 +317,25 @@ class Swapper:
             return code
         self._finish(plan.load, plan.expected_version)
         self.state.remove(FAILED_RECORD)
+        self.state.remove(DEFERRED_RECORD)
         self.reporter.event("swapped", f"NVIDIA driver {plan.expected_version} loaded"
                             + (f" ({plan.direction} from {plan.loaded_version})" if plan.loaded_version else ""), "notice",
                             modules=[s.name for s in plan.load], loaded_version=plan.expected_version,
                             previous_version=plan.loaded_version, direction=plan.direction)
         return EXIT_OK
+
+    def _unload(self, name: str) -> None:
+        """Unloads NAME; a reference that goes away within busy_grace_s (an NVML client closing
+        /dev/nvidiactl) is waited out, a lasting one fails as the kernel says."""
+        deadline = time.monotonic() + self.config.busy_grace_s
+        while True:
+            try:
+                self.effects.unload(name)
+                return
+            except KmodError as e:
+                if e.errno not in (errno.EAGAIN, errno.EBUSY) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.1)
 
     def _finish(self, load: tuple[LoadStep, ...], version: str) -> None:
         self.state.write(LOADED_RECORD, LoadedRecord(version, load).to_json())
@@ -300,6 +359,7 @@ class Swapper:
         problems = restore_problems(snapshot, load)
         if problems:
             raise SwapFailed("after loading, sysfs shows: " + "; ".join(problems))
+        self._fix_modprobe_nodes()
         nodes = devices.wait_for_nodes(self.root, set(snapshot.modules), self.config.settle_timeout_s, self.effects,
                                        watch=watch, loaded_now={s.name for s in load})
         if watch is not None:
@@ -310,6 +370,15 @@ class Swapper:
             raise SwapFailed(f"device nodes not ready after {self.config.settle_timeout_s:.0f}s: {'; '.join(nodes)}")
         if self.config.verify_command:
             self._run_verify_command(expected)
+
+    def _fix_modprobe_nodes(self) -> None:
+        try:
+            fixed = devices.fix_modprobe_nodes(self.root, self.effects)
+        except OSError as e:
+            raise SwapFailed(f"cannot renew the nodes nvidia-modprobe made under /dev/nvidia-caps: {e}") from e
+        if fixed:
+            self.reporter.event("step", "nodes nvidia-modprobe made, pointed at the loaded driver: " + "; ".join(fixed),
+                                "info")
 
     def _run_verify_command(self, expected: str) -> None:
         argv = list(self.config.verify_command or ())
@@ -353,6 +422,10 @@ class Swapper:
         problems = restore_problems(after, target)
         if problems:
             return self._rollback_failed(swap, reason, after, "; ".join(problems))
+        try:
+            self._fix_modprobe_nodes()
+        except SwapFailed as e:
+            return self._rollback_failed(swap, reason, after, str(e))
         if target:
             nodes = devices.wait_for_nodes(self.root, set(after.modules), self.config.settle_timeout_s, self.effects,
                                            watch=watch, loaded_now={s.name for s in restore.load})

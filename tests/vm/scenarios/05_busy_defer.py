@@ -23,5 +23,5 @@ def test(machine, bed):
     assert machine.unit_property("cuda-job.service", "ActiveState") == "active"
     # `status` reads the pending deferral back from the journal (systemd.journal.Reader).
     status = machine.succeed("nvidia-kmod-swap status")
-    assert "pending: upgrade to 570.133.07" in status and "deferred since:" in status, status
+    assert "pending: upgrade to 580.105.08" in status and "deferred since:" in status, status
     assert f"pid {pid} (sleep) holds /dev/nvidia0" in status, status

@@ -5,7 +5,7 @@ BOOT = {"driver": "old"}
 
 CASES = {
     "wrong-kernel": "was built for kernel '6.1.0-99-amd64'",
-    "wrong-version": "has version '570.144.01'",
+    "wrong-version": "has version '580.119.02'",
     "corrupt": "cannot use",
     "no-uvm": "no nvidia-uvm.ko",
 }

@@ -18,7 +18,7 @@ def test(machine, bed):
     machine.succeed(f"test \"$(stat -c %t:%T /dev/nvidia-uvm)\" = {uvm_major:x}:0")
     machine.succeed("test \"$(stat -c %t:%T /dev/nvidia0)\" = c3:0")
     journal = machine.journal("-u nvidia-persistenced")
-    assert "rolled back: the NVIDIA driver 570.124.04 is loaded again" in journal, journal[-2000:]
+    assert "rolled back: the NVIDIA driver 580.95.05 is loaded again" in journal, journal[-2000:]
     assert "nvidia-uvm.ko" in journal
     # deploy-rs rolls the profile back; the unit starts against the old driver, untouched.
     bed.switch_driver("old")

@@ -20,5 +20,5 @@ def test(machine, bed):
     bed.switch_driver("uvm-fails")
     assert bed.restart_persistenced() != 0
     assert set(machine.driver_versions().values()) == {newer}, machine.driver_versions()
-    assert "rolled back: the NVIDIA driver 570.144.01 is loaded again" in machine.journal("-u nvidia-persistenced")
+    assert "rolled back: the NVIDIA driver 580.119.02 is loaded again" in machine.journal("-u nvidia-persistenced")
     assert machine.succeed(root).strip() == newer_ko  # the roots follow what is loaded

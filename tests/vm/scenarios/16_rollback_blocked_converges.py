@@ -3,7 +3,7 @@ refuses to unload nvidia (EAGAIN, every time). The rollback must not tear the dr
 bare nvidia: it unloads nothing, exits 4 naming what sysfs shows, and each restart does the same
 until the holder is gone; then the next start converges back to the old driver."""
 
-NEW = "570.133.07"
+NEW = "580.105.08"
 BOOT = {"driver": "old", "files": {"/etc/systemd/system/grabber.service": (
     "[Service]\nExecStart=/bin/bash -c 'while :; do "
     f"if [ \"$(cat /sys/module/nvidia/version 2>/dev/null)\" = {NEW} ]; then exec 3</dev/nvidia0; exec sleep infinity; fi; "
@@ -39,5 +39,5 @@ def test(machine, bed):
     machine.wait_until_succeeds(f"test \"$(cat /sys/module/nvidia/version)\" = {old}", 60)
     machine.wait_until_succeeds("test ! -e /run/nvidia-kmod-swap/swap.json", 60)
     assert machine.driver_versions() == {m: old for m in DRIVER}, machine.driver_versions()
-    assert "rolled back: the NVIDIA driver 570.124.04 is loaded again" in machine.journal("-u nvidia-persistenced")
+    assert "rolled back: the NVIDIA driver 580.95.05 is loaded again" in machine.journal("-u nvidia-persistenced")
     machine.succeed("test \"$(stat -c %t:%T /dev/nvidia0)\" = c3:0")
