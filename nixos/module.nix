@@ -34,6 +34,43 @@ let
   bootModules = map (lib.replaceStrings [ "-" ] [ "_" ]) config.boot.kernelModules;
   modules = [ "nvidia" ] ++ lib.filter (m: m != "nvidia" && lib.elem m bootModules) driverModules;
 
+  # The unit whose start runs `swap`, and so the one every GPU unit is ordered after.
+  swapUnit = if cfg.standalone then "nvidia-kmod-swap.service" else "nvidia-persistenced.service";
+
+  # NVIDIA's own units besides nvidia-persistenced, when this configuration defines them: each runs
+  # NVML or configures the GPU, so it fails against the old module after a bump (exit 18) and loses
+  # its state when the driver reloads. Detected by the options that define them (reading
+  # config.systemd.services' names here would recurse: we define into it).
+  #   nvidia-container-toolkit-cdi-generator: hardware.nvidia-container-toolkit.enable
+  #     (nixos/modules/services/hardware/nvidia-container-toolkit/default.nix: nvidia-ctk cdi generate)
+  #   nvidia-powerd: hardware.nvidia.dynamicBoost.enable (nixos/modules/hardware/video/nvidia.nix)
+  #   nvidia-fabricmanager: hardware.nvidia.datacenter.enable (same file)
+  enabled = path: lib.attrByPath path false config;
+  nvidiaUnits =
+    lib.optional (enabled [
+      "hardware"
+      "nvidia-container-toolkit"
+      "enable"
+    ]) "nvidia-container-toolkit-cdi-generator"
+    ++ lib.optional (enabled [
+      "hardware"
+      "nvidia"
+      "dynamicBoost"
+      "enable"
+    ]) "nvidia-powerd"
+    ++ lib.optional (enabled [
+      "hardware"
+      "nvidia"
+      "datacenter"
+      "enable"
+    ]) "nvidia-fabricmanager";
+  gpuUnits = lib.unique (nvidiaUnits ++ cfg.gpuUnits);
+
+  # What one start of the swap unit may take at most (swap.py): the lock, a momentary holder in
+  # `check` and in `swap`, stopping units (settle), an unload refused for a moment, the device nodes
+  # (settle), the verify command (60 s), a rollback's nodes (settle), and a margin.
+  startBudget = cfg.lockTimeout + 3 * cfg.busyGrace + 3 * cfg.settleTimeout + 60 + 30;
+
   settings = {
     driver_version = cfg.nvidiaPackage.version;
     kernel_release = release;
@@ -64,6 +101,10 @@ let
     # Symlinks below Nix's gcroots that point into the store are GC roots (nix: libstore/gc.cc,
     # findRoots): the files of the loaded driver, the next swap's rollback source, are kept.
     gc_root_dir = "/nix/var/nix/gcroots/nvidia-kmod-swap";
+    busy_grace_s = cfg.busyGrace;
+    lock_timeout_s = cfg.lockTimeout;
+    swap_unit = swapUnit;
+    gpu_units = map (u: "${u}.service") gpuUnits;
   };
 
   # Its store path changes with the driver, so switching generations changes the unit and
@@ -154,6 +195,44 @@ in
       '';
     };
 
+    gpuUnits = lib.mkOption {
+      type = lib.types.listOf lib.types.str;
+      default = [ ];
+      example = [ "gpu-power-limit" ];
+      description = ''
+        Your own services (names without `.service`) that use the GPU, e.g. one that sets power
+        limits with nvidia-smi. Like the NVIDIA units the module finds by itself
+        (nvidia-container-toolkit-cdi-generator, nvidia-powerd, nvidia-fabricmanager), each is
+        ordered after the swap, skipped while a swap is deferred, run again by the switch that
+        changes the driver and by a deferred swap when it finishes.
+      '';
+    };
+
+    busyGrace = lib.mkOption {
+      type = lib.types.ints.unsigned;
+      default = 5;
+      description = ''
+        Seconds to wait for processes that hold /dev/nvidia* for a moment (nvidia-smi, NVML, a CDI
+        generator) before a swap is deferred, and for a module unload the kernel refuses meanwhile.
+      '';
+    };
+
+    lockTimeout = lib.mkOption {
+      type = lib.types.ints.positive;
+      default = 60;
+      description = "Seconds a run waits for another run of the helper to finish.";
+    };
+
+    retryInterval = lib.mkOption {
+      type = lib.types.ints.positive;
+      default = 30;
+      description = ''
+        While a swap is deferred because the GPU is busy, how often `nvidia-kmod-swap-retry.timer`
+        looks whether it is idle now; when it is, the swap runs (the swap unit is started, then the
+        GPU units again). Nothing is deferred: each tick reads one file and exits.
+      '';
+    };
+
     standalone = lib.mkOption {
       type = lib.types.bool;
       default = false;
@@ -190,6 +269,20 @@ in
             '';
           }
           {
+            # genAttrs above would otherwise make a unit of a misspelt name, with nothing to run.
+            assertion = lib.all (
+              u: (config.systemd.services.${u}.serviceConfig or { }) ? ExecStart
+            ) cfg.gpuUnits;
+            message = ''
+              services.nvidiaKmodSwap.gpuUnits names units that are not defined (no ExecStart):
+              ${
+                lib.concatStringsSep ", " (
+                  lib.filter (u: !((config.systemd.services.${u}.serviceConfig or { }) ? ExecStart)) cfg.gpuUnits
+                )
+              }. Give service names without ".service".
+            '';
+          }
+          {
             assertion = cfg.nvidiaPackage ? version;
             message = "services.nvidiaKmodSwap.nvidiaPackage is not an NVIDIA driver (no version).";
           }
@@ -198,6 +291,35 @@ in
         # `nvidia-kmod-swap status` and `plan` find it here without --config.
         environment.etc."nvidia-kmod-swap/config.json".source = configFile;
         environment.systemPackages = [ cfg.package ];
+
+        systemd.services = lib.mkMerge [
+          # A deferred swap finishes by itself once the GPU is idle.
+          {
+            nvidia-kmod-swap-retry = {
+              description = "Finish a deferred NVIDIA driver swap once the GPU is idle";
+              serviceConfig = {
+                Type = "oneshot";
+                ExecStart = "${helper} retry-deferred";
+              };
+            };
+          }
+          # Every GPU unit: after the swap (switch-to-configuration queues their starts together
+          # with the swap unit's, and systemd orders queued jobs by After=), skipped while the swap
+          # is deferred (the same `check`), and restarted with a new config, as its GPU state goes
+          # with the old driver.
+          (lib.genAttrs gpuUnits (_: {
+            after = [ swapUnit ];
+            restartTriggers = [ configFile ];
+            serviceConfig.ExecCondition = lib.mkBefore [ "+${helper} check" ];
+          }))
+        ];
+        systemd.timers.nvidia-kmod-swap-retry = {
+          wantedBy = [ "timers.target" ];
+          timerConfig = {
+            OnActiveSec = cfg.retryInterval;
+            OnUnitInactiveSec = cfg.retryInterval;
+          };
+        };
       }
 
       (lib.mkIf (!cfg.standalone) {
@@ -209,6 +331,8 @@ in
           serviceConfig = {
             ExecCondition = lib.mkBefore [ "+${helper} check" ];
             ExecStartPre = lib.mkBefore [ "+${helper} swap" ];
+            # The helper's own budget (startBudget); systemd's default of 90 s could cut a swap.
+            TimeoutStartSec = lib.mkDefault startBudget;
           };
         };
       })
@@ -224,6 +348,7 @@ in
             RemainAfterExit = true;
             ExecCondition = "${helper} check";
             ExecStart = "${helper} swap";
+            TimeoutStartSec = lib.mkDefault startBudget;
           };
         };
       })

@@ -447,6 +447,140 @@ in
       ];
   }
   {
+    name = "issue 11: every GPU unit of the configuration is after the swap, skipped by check, restarted";
+    ok =
+      let
+        s = system {
+          settings = {
+            enable = true;
+            gpuUnits = [ "gpu-power-limit" ];
+          };
+          hardware = nvidia {
+            dynamicBoost.enable = true;
+            datacenter.enable = true;
+          };
+          extra = {
+            hardware.nvidia-container-toolkit.enable = true;
+            systemd.services.gpu-power-limit.serviceConfig.ExecStart =
+              "/run/current-system/sw/bin/nvidia-smi -pl 300";
+          };
+        };
+        units = [
+          "nvidia-container-toolkit-cdi-generator"
+          "nvidia-powerd"
+          "nvidia-fabricmanager"
+          "gpu-power-limit"
+        ];
+        wiring =
+          u:
+          let
+            svc = (config s).systemd.services.${u};
+          in
+          {
+            inherit (svc) after;
+            condition = svc.serviceConfig.ExecCondition;
+            triggers = map (p: p.outPath) svc.restartTriggers;
+            kept = svc.serviceConfig ? ExecStart;
+          };
+      in
+      expect (
+        map (u: {
+          what = u;
+          got = wiring u;
+          want = {
+            after = [ "nvidia-persistenced.service" ];
+            condition = [ "+${helper} --config ${file s} check" ];
+            triggers = [ (file s) ];
+            kept = true;
+          };
+        }) units
+        ++ [
+          {
+            what = "gpu_units in the helper's config";
+            got = (json s).gpu_units;
+            want = map (u: "${u}.service") units;
+          }
+          {
+            what = "swap_unit";
+            got = (json s).swap_unit;
+            want = "nvidia-persistenced.service";
+          }
+          {
+            what = "no GPU unit is made up when none is enabled";
+            got = builtins.filter (u: (config base).systemd.services ? ${u}) units;
+            want = [ ];
+          }
+        ]
+      );
+  }
+  {
+    name = "issue 11: a misspelt gpuUnits entry is an assertion, not a unit with nothing to run";
+    ok = expect [
+      {
+        what = "failed assertions";
+        got = map (m: builtins.substring 0 60 m) (
+          failedAssertions (on { gpuUnits = [ "gpu-power-limit.service" ]; } (nvidia { }))
+        );
+        want = [ "services.nvidiaKmodSwap.gpuUnits names units that are not de" ];
+      }
+    ];
+  }
+  {
+    name = "issue 11: a deferred swap finishes by itself (retry timer), the unit's timeout covers the helper";
+    ok =
+      let
+        c = config base;
+        retry = c.systemd.services.nvidia-kmod-swap-retry.serviceConfig;
+      in
+      expect [
+        {
+          what = "retry service";
+          got = retry;
+          want = {
+            Type = "oneshot";
+            ExecStart = "${helper} --config ${file base} retry-deferred";
+          };
+        }
+        {
+          what = "retry timer";
+          got = c.systemd.timers.nvidia-kmod-swap-retry;
+          want = {
+            wantedBy = [ "timers.target" ];
+            timerConfig = {
+              OnActiveSec = 30;
+              OnUnitInactiveSec = 30;
+            };
+          };
+        }
+        {
+          what = "TimeoutStartSec of nvidia-persistenced (lock 60 + 3 x grace 5 + 3 x settle 10 + verify 60 + 30)";
+          got = (unit base).TimeoutStartSec;
+          want = 195;
+        }
+        {
+          what = "TimeoutStartSec of the standalone unit";
+          got = (config standalone).systemd.services.nvidia-kmod-swap.serviceConfig.TimeoutStartSec;
+          want = 195;
+        }
+        {
+          what = "the helper's keys";
+          got = {
+            inherit (json base) busy_grace_s lock_timeout_s swap_unit;
+          };
+          want = {
+            busy_grace_s = 5;
+            lock_timeout_s = 60;
+            swap_unit = "nvidia-persistenced.service";
+          };
+        }
+        {
+          what = "standalone: GPU units follow its own unit";
+          got = (json standalone).swap_unit;
+          want = "nvidia-kmod-swap.service";
+        }
+      ];
+  }
+  {
     name = "a new config (new driver or module tree) restarts the unit";
     ok = expect [
       {
@@ -588,12 +722,16 @@ in
         what = "services.nvidiaKmodSwap";
         got = builtins.attrNames base.options.services.nvidiaKmodSwap;
         want = [
+          "busyGrace"
           "enable"
           "extraModuleDirs"
+          "gpuUnits"
+          "lockTimeout"
           "nvidiaPackage"
           "onBusy"
           "onKernelChange"
           "package"
+          "retryInterval"
           "settleTimeout"
           "standalone"
           "stopUnits"
@@ -615,6 +753,7 @@ in
         got = builtins.attrNames outputs.checks.x86_64-linux;
         want = [
           "busy-defer"
+          "gpu-units"
           "linters"
           "module-eval"
           "package"
@@ -649,7 +788,7 @@ in
         {
           what = "booted: old mod";
           got = base26.packages;
-          want = [ "fake-nvidia-kernel-modules-6.18.1-570.124.04" ];
+          want = [ "fake-nvidia-kernel-modules-6.18.1-580.95.05" ];
         }
         {
           what = "new: new mod, new version, its own tree";
@@ -660,8 +799,8 @@ in
             (new26.tree != base26.tree)
           ];
           want = [
-            [ "fake-nvidia-kernel-modules-6.18.1-570.133.07" ]
-            "570.133.07"
+            [ "fake-nvidia-kernel-modules-6.18.1-580.105.08" ]
+            "580.105.08"
             true
             true
           ];
@@ -669,12 +808,12 @@ in
         {
           what = "open";
           got = openNew.packages;
-          want = [ "fake-nvidia-open-6.18.1-570.133.07" ];
+          want = [ "fake-nvidia-open-6.18.1-580.105.08" ];
         }
         {
           what = "legacy layout: the bin output";
           got = legacyNew.packages;
-          want = [ "fake-nvidia-x11-570.133.07-bin" ];
+          want = [ "fake-nvidia-x11-580.105.08-bin" ];
         }
       ];
   }

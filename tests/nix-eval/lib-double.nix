@@ -185,6 +185,13 @@ let
       check = v: isInt v && v > 0;
       merge = mergeEqualOption;
     };
+    # lib/types.nix ints.unsigned = addCheck lib.types.int (x: x >= 0) // { name = "unsignedInt"; }
+    ints.unsigned = mkOptionType {
+      name = "unsignedInt";
+      description = "unsigned integer, meaning >=0";
+      check = v: isInt v && v >= 0;
+      merge = mergeEqualOption;
+    };
     enum =
       values:
       mkOptionType {
@@ -302,6 +309,22 @@ let
 
   unique = foldl' (acc: x: if elem x acc then acc else acc ++ [ x ]) [ ];
 
+  # lib/attrsets.nix attrByPath: the value at a path of names, or DEFAULT where a name is missing.
+  attrByPath =
+    attrPath: default: set:
+    let
+      go =
+        n: s:
+        if n == builtins.length attrPath then
+          s
+        else
+          let
+            attr = builtins.elemAt attrPath n;
+          in
+          if s ? ${attr} then go (n + 1) s.${attr} else default;
+    in
+    go 0 set;
+
   # lib/customisation.nix makeOverridable: an attrset result gets `override` and
   # `overrideDerivation` (any attrset, derivation or not: `if isAttrs result`); a function result
   # gets `override` as a functor; anything else is returned as it is.
@@ -368,6 +391,7 @@ let
       hasPrefix
       hasSuffix
       unique
+      attrByPath
       discharge
       mergeOneOption
       mergeDefaultOption

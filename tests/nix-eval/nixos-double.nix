@@ -106,6 +106,7 @@
           default = lib.versionAtLeast cfg.package.version "535";
         };
         nvidiaPersistenced = lib.mkEnableOption "nvidia-persistenced";
+        dynamicBoost.enable = lib.mkEnableOption "dynamic Boost balancing (nvidia-powerd)";
         package = lib.mkOption {
           type = lib.types.raw;
           default =
@@ -132,6 +133,34 @@
             boot.kernelModules = lib.optionals useOpenModules [ "nvidia_uvm" ];
             systemd.services.nvidia-persistenced = persistenced;
           }
+          # (lib.mkIf cfg.dynamicBoost.enable { "nvidia-powerd" = { ... Type = "dbus"; BusName =
+          # "nvidia.powerd.server"; ExecStart = "${nvidia_x11.bin}/bin/nvidia-powerd"; ... } })
+          (lib.mkIf cfg.dynamicBoost.enable {
+            systemd.services.nvidia-powerd = {
+              description = "nvidia-powerd service";
+              wantedBy = [ "multi-user.target" ];
+              serviceConfig = {
+                Type = "dbus";
+                BusName = "nvidia.powerd.server";
+                ExecStart = "${nvidiaPkg.bin}/bin/nvidia-powerd";
+              };
+            };
+          })
+          # (lib.mkIf cfg.datacenter.enable { systemd.services.nvidia-fabricmanager = {
+          # unitConfig.After / Requires = [ "network-online.target" ]; serviceConfig = { Type =
+          # "forking"; TimeoutStartSec = 240; ExecStart = ... nv-fabricmanager -c ...; }; } })
+          (lib.mkIf cfg.datacenter.enable {
+            systemd.services.nvidia-fabricmanager = {
+              wantedBy = [ "multi-user.target" ];
+              unitConfig.After = [ "network-online.target" ];
+              unitConfig.Requires = [ "network-online.target" ];
+              serviceConfig = {
+                Type = "forking";
+                TimeoutStartSec = 240;
+                ExecStart = "${nvidiaPkg.outPath}-fabricmanager/bin/nv-fabricmanager -c /etc/fabricmanager.cfg";
+              };
+            };
+          })
           (lib.mkIf (!cfg.datacenter.enable) {
             boot.kernelModules = [
               "nvidia"
@@ -141,6 +170,29 @@
           })
         ]
       );
+    }
+  )
+
+  # nixos/modules/services/hardware/nvidia-container-toolkit/default.nix (NixOS/nixpkgs a808f823):
+  # systemd.services.nvidia-container-toolkit-cdi-generator = lib.mkIf ...enable { wantedBy =
+  # [ "multi-user.target" ]; serviceConfig = { RuntimeDirectory = "cdi"; RemainAfterExit = true;
+  # ExecStart = ...; Type = "oneshot"; }; }
+  (
+    { config, lib, ... }:
+    {
+      options.hardware.nvidia-container-toolkit.enable = lib.mkEnableOption "the NVIDIA container toolkit";
+      config = lib.mkIf config.hardware.nvidia-container-toolkit.enable {
+        systemd.services.nvidia-container-toolkit-cdi-generator = {
+          description = "Container Device Interface (CDI) for Nvidia generator";
+          wantedBy = [ "multi-user.target" ];
+          serviceConfig = {
+            RuntimeDirectory = "cdi";
+            RemainAfterExit = true;
+            ExecStart = "/nix/store/cccccccccccccccccccccccccccccccc-nvidia-cdi-generator/bin/nvidia-cdi-generator";
+            Type = "oneshot";
+          };
+        };
+      };
     }
   )
 
@@ -169,25 +221,35 @@
         path = listOf package;
         restartTriggers = listOf unspecified;
         serviceConfig = attrsOf unitOption;
+        unitConfig = attrsOf unitOption;
       };
-      service = lib.mkOptionType {
-        name = "systemd service";
-        check = builtins.isAttrs;
-        merge =
-          loc: defs:
-          let
-            names = lib.unique (lib.concatLists (map (d: builtins.attrNames d.value) defs));
-            field =
-              n:
-              if serviceOptions ? ${n} then
-                lib.modules.mergeDefinitions (loc ++ [ n ]) serviceOptions.${n} (
-                  map (d: d // { value = d.value.${n}; }) (lib.filter (d: d.value ? ${n}) defs)
-                )
-              else
-                throw "The option `${lib.showOption (loc ++ [ n ])}' does not exist.";
-          in
-          lib.genAttrs (lib.filter (n: (field n).optionalValue ? value) names) (n: (field n).mergedValue);
+      # systemd.timers.<name>: the options of it we use (nixos/lib/systemd-unit-options.nix).
+      timerOptions = with lib.types; {
+        wantedBy = listOf str;
+        timerConfig = attrsOf unitOption;
       };
+      unitType =
+        typeName: unitOptions:
+        lib.mkOptionType {
+          name = typeName;
+          check = builtins.isAttrs;
+          merge =
+            loc: defs:
+            let
+              names = lib.unique (lib.concatLists (map (d: builtins.attrNames d.value) defs));
+              field =
+                n:
+                if unitOptions ? ${n} then
+                  lib.modules.mergeDefinitions (loc ++ [ n ]) unitOptions.${n} (
+                    map (d: d // { value = d.value.${n}; }) (lib.filter (d: d.value ? ${n}) defs)
+                  )
+                else
+                  throw "The option `${lib.showOption (loc ++ [ n ])}' does not exist.";
+            in
+            lib.genAttrs (lib.filter (n: (field n).optionalValue ? value) names) (n: (field n).mergedValue);
+        };
+      service = unitType "systemd service" serviceOptions;
+      timer = unitType "systemd timer" timerOptions;
     in
     {
       options = {
@@ -205,6 +267,10 @@
         };
         systemd.services = lib.mkOption {
           type = lib.types.attrsOf service;
+          default = { };
+        };
+        systemd.timers = lib.mkOption {
+          type = lib.types.attrsOf timer;
           default = { };
         };
         services.xserver.videoDrivers = lib.mkOption {

@@ -33,6 +33,12 @@ in
     name = "busy-defer";
     script = ./busy-defer.py;
   };
+  # Issue 11: a GPU unit in the same switch runs after the swap; deferred, it is skipped, and the
+  # swap finishes by itself once the GPU is idle, running the GPU unit again.
+  gpu-units = story {
+    name = "gpu-units";
+    script = ./gpu-units.py;
+  };
   # A new module fails to load: rolled back to the old driver, the switch fails.
   rollback = story {
     name = "rollback";

@@ -39,12 +39,20 @@ let
   persistencedUnit = driver: {
     ExecStart = "${lib.getExe driver.persistenced} --verbose";
   };
+  # A user's GPU unit (a power limit set with nvidia-smi): its command is the generation's driver,
+  # so a bump changes the unit, as it changes nvidia-container-toolkit-cdi-generator's.
+  powerLimitUnit = driver: {
+    ExecStart = "${pkgs.runtimeShell} -c '${lib.getBin driver}/bin/nvidia-smi --query-gpu=driver_version --format=csv,noheader > /run/gpu-power-limit.out'";
+  };
   # A generation whose system profile carries another driver, as a driver bump would.
   withDriver = driver: {
     boot.extraModulePackages = lib.mkForce [ (moduleTree driver) ];
     services.nvidiaKmodSwap.nvidiaPackage = lib.mkForce driver;
     systemd.services.nvidia-persistenced.serviceConfig = lib.mapAttrs (_: lib.mkForce) (
       persistencedUnit driver
+    );
+    systemd.services.gpu-power-limit.serviceConfig = lib.mapAttrs (_: lib.mkForce) (
+      powerLimitUnit driver
     );
   };
 in
@@ -82,9 +90,20 @@ in
   systemd.services.cuda-job.serviceConfig.ExecStart =
     "${pkgs.bash}/bin/bash -c 'exec 3<>/dev/nvidia0; exec sleep infinity'";
 
+  systemd.services.gpu-power-limit = {
+    wantedBy = [ "multi-user.target" ];
+    serviceConfig = {
+      Type = "oneshot";
+      RemainAfterExit = true;
+    }
+    // powerLimitUnit drivers.old;
+  };
+
   services.nvidiaKmodSwap = {
     enable = true;
     nvidiaPackage = drivers.old;
+    gpuUnits = [ "gpu-power-limit" ];
+    retryInterval = 2; # the deferred-finishes story waits for it
   };
   specialisation = lib.mapAttrs (_: driver: { configuration = withDriver driver; }) {
     inherit (drivers) new uvm-fails;

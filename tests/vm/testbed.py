@@ -39,6 +39,10 @@ TRIM = ["usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale", 
 MASK = ["apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backup.timer", "e2scrub_all.timer",
         "fstrim.timer", "systemd-timesyncd.service", "getty@tty1.service"]
 DEFAULT_MODULES = ["nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm"]
+# GPU units of a crowded host (issue 11): unit -> what it stands for. The NixOS module wires the real
+# ones (nvidia-container-toolkit-cdi-generator, nvidia-powerd, nvidia-fabricmanager, the user's).
+GPU_UNITS = {"gpu-cdi-generator.service": "CDI generator (nvidia-ctk cdi generate: NVML)",
+             "gpu-power-limit.service": "power limit (nvidia-smi -pl)"}
 
 
 def log(msg: str) -> None:
@@ -122,6 +126,8 @@ class Boot:
     cmdline: str = ""
     files: dict[str, str] = field(default_factory=dict)
     persistenced: bool = True           # nvidia-persistenced enabled (started at boot)
+    gpu_units: bool = False             # the GPU units of GPU_UNITS, enabled and wired
+    retry_timer: bool = False           # nvidia-kmod-swap-retry.timer enabled (NixOS always has it)
     memory_mib: int = 2048
 
 
@@ -173,6 +179,17 @@ class Overlay:
                   (GUEST / "nvidia-persistenced.service").read_text())
         if boot.persistenced:
             self._enable(root, "nvidia-persistenced.service", "multi-user.target")
+        for unit in ("nvidia-kmod-swap-retry.service", "nvidia-kmod-swap-retry.timer"):
+            self._put(root, f"/etc/systemd/system/{unit}", (GUEST / unit).read_text())
+        if boot.retry_timer:
+            self._enable(root, "nvidia-kmod-swap-retry.timer", "timers.target")
+        if boot.gpu_units:
+            template = (GUEST / "gpu-unit.service.in").read_text()
+            for unit, what in GPU_UNITS.items():
+                text = template.replace("@WHAT@", what).replace("@NAME@", unit.removesuffix(".service"))
+                self._put(root, f"/etc/systemd/system/{unit}", text)
+                self._enable(root, unit, "multi-user.target")
+            self._put(root, "/etc/testbed/gpu-units.json", json.dumps(sorted(GPU_UNITS)))
         profile = boot.profile or boot.driver or "new"
         self._put(root, "/etc/systemd/system/testbed-profile.service", (
             "[Unit]\nDescription=Test bed: the system profile's driver\nDefaultDependencies=no\n"

@@ -14,8 +14,9 @@ def test(machine, bed):
     machine.wait_until_succeeds("test \"$(systemctl show -P ActiveState nvidia-persistenced)\" = failed", 60)
     kernel_log = machine.dmesg()
     # The text of drivers since 575.51.02 (osapi.c RmPerformVersionCheck): the client by name and pid.
-    assert re.search(r"NVRM: API mismatch: the client 'nvidia-persiste' \(pid \d+\)\n"
-                     rf"NVRM: has the version {re.escape(new)}, but this kernel module has\n"
+    # (dmesg indents a message's continuation lines)
+    assert re.search(r"NVRM: API mismatch: the client 'nvidia-persiste' \(pid \d+\)\n\s*"
+                     rf"NVRM: has the version {re.escape(new)}, but this kernel module has\n\s*"
                      rf"NVRM: the version {re.escape(old)}\.  Please make sure that this\n", kernel_log), kernel_log[-2000:]
     assert "Failed to query NVIDIA devices" in machine.journal("-t nvidia-persistenced")
     assert machine.module_version("nvidia") == old

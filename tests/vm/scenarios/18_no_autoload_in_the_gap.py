@@ -1,0 +1,48 @@
+"""Issue 11 §4: a client opens /dev/nvidiactl every 20 ms throughout the swap. nvidia.ko declares
+MODULE_ALIAS_CHARDEV_MAJOR(195) and the booted (old) driver is in the tree modprobe reads, so every
+open while no driver is loaded makes the kernel modprobe it. The swap must end all-new, with no old
+`nvidia` loaded by the kernel in between, and leave modprobe able to load the driver again."""
+
+BOOT = {"driver": "old"}
+
+OPENER = r"""
+import errno, os, time
+fails = {}
+while True:
+    try:
+        os.close(os.open("/dev/nvidiactl", os.O_RDWR))
+    except OSError as e:
+        name = errno.errorcode.get(e.errno, str(e.errno))
+        fails[name] = fails.get(name, 0) + 1
+        with open("/run/opener.fails", "w") as f:
+            f.write(" ".join(f"{k}={v}" for k, v in sorted(fails.items())) + "\n")
+    time.sleep(0.02)
+"""
+
+
+def test(machine, bed):
+    old, new = bed.packages["old"]["version"], bed.packages["new"]["version"]
+    machine.wait_for_unit("nvidia-persistenced.service")
+    # The bed is as hostile as a real host: the alias resolves to the booted driver.
+    assert machine.succeed("modprobe --resolve-alias char-major-195-255").split() == ["nvidia"]
+    machine.succeed("cat > /run/opener.py <<'EOF'\n" + OPENER + "\nEOF")
+    machine.succeed("systemd-run --unit=nvml-opener.service /usr/bin/python3 /run/opener.py")
+    machine.wait_for_unit("nvml-opener.service")
+    loading = "dmesg | grep -c 'NVRM: loading NVIDIA UNIX x86_64 Kernel Module  {}' || true"
+    assert machine.succeed(loading.format(old)).strip() == "1"  # at boot
+    bed.switch_driver("new")
+    assert bed.restart_persistenced() == 0, machine.journal("-u nvidia-persistenced")
+    machine.wait_for_unit("nvidia-persistenced.service")
+    versions = machine.driver_versions()
+    assert all(versions[m] == new for m in ("nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm")), versions
+    # The kernel's log: the old driver was never loaded again; the new one was loaded once.
+    kernel_log = machine.dmesg()
+    assert machine.succeed(loading.format(old)).strip() == "1", kernel_log[-3000:]
+    assert machine.succeed(loading.format(new)).strip() == "1", kernel_log[-3000:]
+    # The client did open in the gap, and was told there is no device ...
+    fails = machine.succeed("cat /run/opener.fails")
+    assert "ENXIO" in fails or "ENODEV" in fails, fails
+    # ... and is still running; the block is gone: modprobe's config has no `install nvidia` left.
+    assert machine.unit_property("nvml-opener.service", "ActiveState") == "active"
+    machine.succeed("test ! -e /run/modprobe.d/nvidia-kmod-swap.conf")
+    machine.fail("modprobe --showconfig | grep -q '^install nvidia '")
