@@ -42,6 +42,21 @@ int main(int argc, char **argv)
 	}
 	if (glob("/proc/driver/nvidia/gpus/*", 0, NULL, &g) != 0)
 		g.gl_pathc = 0;
+	/* NVML opens each GPU, which initialises it: with no GSP firmware of the driver's version the
+	 * open fails (nvidia.c nv_init_gpu), and nvidia-smi finds no usable GPU. */
+	for (size_t i = 0; i < g.gl_pathc; i++) {
+		char path[32];
+		int gpu;
+
+		snprintf(path, sizeof(path), "/dev/nvidia%zu", i);
+		gpu = open(path, O_RDWR);
+		if (gpu < 0) {
+			printf("Unable to determine the device handle for GPU%zu: %s: Unknown Error\n", i,
+			       strrchr(g.gl_pathv[i], '/') + 1);
+			return 255;
+		}
+		close(gpu);
+	}
 	if (query) {
 		for (size_t i = 0; i < g.gl_pathc; i++)
 			printf("%s\n", FAKE_NV_VERSION);

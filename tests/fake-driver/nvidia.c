@@ -9,7 +9,10 @@
  */
 #include <linux/module.h>
 #include <linux/cdev.h>
+#include <linux/device.h>
+#include <linux/firmware.h>
 #include <linux/fs.h>
+#include <linux/mutex.h>
 #include <linux/sched.h>
 #include <linux/proc_fs.h>
 #include <linux/seq_file.h>
@@ -90,12 +93,47 @@ static long nv_ioctl(struct file *f, unsigned int cmd, unsigned long arg)
 	return 0;
 }
 
+/*
+ * GSP firmware: the real driver requests "nvidia/" NV_VERSION_STRING "/gsp_ga10x.bin"
+ * (kernel-open/nvidia/nv.c NV_FIRMWARE_FOR_NAME, nv-firmware.h) when it initialises a GPU, i.e. on
+ * the first open of /dev/nvidia<N>, not at module load; open modules have no fallback
+ * (osapi.c rm_set_rm_firmware_requested: allow_fallback_to_monolithic_rm = NV_FALSE), so without the
+ * file of its own version RmInitAdapter fails (osinit.c RmFetchGspRmImages: "No firmware image
+ * found") and the open fails. The firmware loader looks in firmware_class.path first.
+ */
+#define GSP_FIRMWARE "nvidia/" FAKE_NV_VERSION "/gsp_ga10x.bin"
+static struct device *fw_dev;
+static DEFINE_MUTEX(gpu_init_lock);
+static bool gpu_initialised;
+
+static int nv_init_gpu(void)
+{
+	const struct firmware *fw;
+	int err = 0;
+
+	mutex_lock(&gpu_init_lock);
+	if (!gpu_initialised) {
+		if (request_firmware(&fw, GSP_FIRMWARE, fw_dev) != 0) {
+			pr_err("NVRM: RmFetchGspRmImages: No firmware image found\n");
+			pr_err("NVRM: GPU 0000:01:00.0: RmInitAdapter failed! (0x61:0x56:1697)\n");
+			err = -EIO;
+		} else {
+			release_firmware(fw);
+			gpu_initialised = true;
+		}
+	}
+	mutex_unlock(&gpu_init_lock);
+	return err;
+}
+
 static int nv_open(struct inode *inode, struct file *f)
 {
 	unsigned int minor = iminor(inode);
 
-	if (minor == 255 || minor == 254 || minor < (unsigned int)gpus)
+	if (minor == 255 || minor == 254)
 		return 0;
+	if (minor < (unsigned int)gpus)
+		return nv_init_gpu();
 	return -ENODEV;
 }
 
@@ -144,9 +182,12 @@ static int __init nv_init(void)
 	pr_err("NVRM: fake: nvidia built to fail its init\n");
 	return -ENODEV;
 #endif
+	fw_dev = root_device_register("nvidia-fake");
+	if (IS_ERR(fw_dev))
+		return PTR_ERR(fw_dev);
 	err = alloc_chrdev_region(&caps_devno, 0, NV_CAP_DRV_MINOR_COUNT, "nvidia-caps");
 	if (err < 0)
-		return err;
+		goto out_dev;
 	cdev_init(&caps_cdev, &caps_fops);
 	caps_cdev.owner = THIS_MODULE;
 	err = cdev_add(&caps_cdev, caps_devno, NV_CAP_DRV_MINOR_COUNT);
@@ -177,6 +218,8 @@ out_cdev:
 	cdev_del(&caps_cdev);
 out_caps:
 	unregister_chrdev_region(caps_devno, NV_CAP_DRV_MINOR_COUNT);
+out_dev:
+	root_device_unregister(fw_dev);
 	return err;
 }
 
@@ -186,6 +229,7 @@ static void __exit nv_exit(void)
 	unregister_chrdev(NV_MAJOR, "nvidia-frontend");
 	cdev_del(&caps_cdev);
 	unregister_chrdev_region(caps_devno, NV_CAP_DRV_MINOR_COUNT);
+	root_device_unregister(fw_dev);
 	pr_info("NVRM: unloading NVIDIA UNIX x86_64 Kernel Module  %s (fake)\n", FAKE_NV_VERSION);
 }
 

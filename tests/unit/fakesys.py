@@ -106,6 +106,8 @@ class FakeSystem:
     # nvidia-caps' dynamic major (kernel-open/nvidia/nv-caps.c alloc_chrdev_region): a test that
     # reloads nvidia changes it, as another driver's major taken meanwhile does on a real machine.
     caps_major: int = 509
+    # firmware_class.path (the built-in firmware loader's parameter), as NixOS activation writes it
+    firmware_path: str = ""
     gpus: int = 1
     modules_disabled: bool = False
 
@@ -196,6 +198,8 @@ class FakeSystem:
             (d / "refcnt").write_text(f"{refcnt}\n")
             (d / "initstate").write_text("live\n")
         (self.base / "proc/modules").write_text("".join(line + "\n" for line in lines))
+        (sysmod / "firmware_class/parameters").mkdir(parents=True)
+        (sysmod / "firmware_class/parameters/path").write_text(self.firmware_path + "\n")
         (self.base / "proc/sys/kernel/modules_disabled").write_text("1\n" if self.modules_disabled else "0\n")
         devices_text = "Character devices:\n  1 mem\n  4 tty\n"
         if "nvidia" in self.modules:
@@ -362,6 +366,10 @@ class FakeEffects:
 
     def block_autoload(self, modules: list[str]) -> None:
         SystemEffects(self.system.root).block_autoload(modules)  # a file write: the real one
+
+    def set_firmware_path(self, path: str) -> None:
+        self.system.firmware_path = path
+        self.system.sync()
 
     def unblock_autoload(self) -> None:
         SystemEffects(self.system.root).unblock_autoload()

@@ -4,6 +4,7 @@
   (delete_module), load a kernel module by name (modprobe, for drm and the like);
 - device nodes: remove a stale node, replay a module's "add" uevent so udev makes it again,
   replace a node nvidia-modprobe made (nvidia-caps) with one of the new major;
+- firmware: the firmware loader's search path, for the driver about to initialise a GPU;
 - module autoload: a modprobe.d file that keeps the kernel and nvidia-modprobe from loading the
   booted driver while none is loaded;
 - systemd units: systemctl stop/start;
@@ -28,7 +29,7 @@ from typing import Protocol
 
 from .modinfo import read_bytes
 from .paths import Root
-from .rules import AUTOLOAD_BLOCK
+from .rules import AUTOLOAD_BLOCK, FIRMWARE_PATH
 
 SYSCALLS = {
     "x86_64": {"init_module": 175, "delete_module": 176, "finit_module": 313},
@@ -68,6 +69,7 @@ class Effects(Protocol):
     def replay_add(self, module: str) -> None: ...
     def replace_node(self, path: str, major: int, minor: int) -> None: ...
     def block_autoload(self, modules: list[str]) -> None: ...
+    def set_firmware_path(self, path: str) -> None: ...
     def unblock_autoload(self) -> None: ...
     def systemctl(self, args: list[str]) -> None: ...
     def run_command(self, argv: list[str], timeout: float) -> tuple[int, str]: ...
@@ -170,6 +172,11 @@ class SystemEffects:
 
     def unblock_autoload(self) -> None:
         self.root(AUTOLOAD_BLOCK).unlink(missing_ok=True)
+
+    # -- firmware ----------------------------------------------------------------------------------
+    def set_firmware_path(self, path: str) -> None:
+        """Where the kernel's firmware loader looks first (what NixOS activation writes)."""
+        self.root(FIRMWARE_PATH).write_text(path)
 
     # -- units and commands ----------------------------------------------------------------------
     def systemctl(self, args: list[str]) -> None:

@@ -37,6 +37,7 @@ MESSAGE_IDS = {
     "rollback-failed": "c3e586f76f864658fbc7b4889c05b145",
     "recovery": "83e67c33970d5f25bd6c8dc98a768d1c",
     "busy": "da6789f7f1d2c902d9951e4bd50cbf72",
+    "retry": "6b9eb30a623d41ea84b8a4faf7ef3628",
 }
 PRIORITY = {"debug": 7, "info": 6, "notice": 5, "warning": 4, "err": 3, "crit": 2}
 
@@ -100,8 +101,11 @@ class Reporter:
                                else send_systemd)
 
     def event(self, event: str, message: str, priority: str = "info", /, **fields: object) -> None:
+        # Looked up whatever the target, so that an event without an id fails every test, not
+        # only the runs that log to a journal.
+        message_id, level = MESSAGE_IDS[event], PRIORITY[priority]
         if self.to_journal:
-            entry = {"MESSAGE": message, "MESSAGE_ID": MESSAGE_IDS[event], "PRIORITY": str(PRIORITY[priority]),
+            entry = {"MESSAGE": message, "MESSAGE_ID": message_id, "PRIORITY": str(level),
                      "SYSLOG_IDENTIFIER": "nvidia-kmod-swap", "NVIDIA_EVENT": event}
             entry.update({f"NVIDIA_{k.upper()}": _text(v) for k, v in fields.items() if v not in (None, "", (), [])})
             if not self.send(entry):

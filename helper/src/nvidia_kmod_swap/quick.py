@@ -11,7 +11,20 @@ from __future__ import annotations
 import json
 import os
 
-from .rules import AUTOLOAD_BLOCK, CORE, DEFAULT_STATE_DIR, DEFERRED_RECORD, STATE_FILE, ConfigError, driver_closure, parse_proc_modules, stale, validate
+from .rules import (
+    AUTOLOAD_BLOCK,
+    CORE,
+    DEFAULT_STATE_DIR,
+    DEFERRED_RECORD,
+    DRIVER_RECORD,
+    FIRMWARE_PATH,
+    STATE_FILE,
+    ConfigError,
+    driver_closure,
+    parse_proc_modules,
+    stale,
+    validate,
+)
 
 __all__ = ["STATE_FILE", "try_noop"]
 
@@ -81,9 +94,34 @@ def try_noop(argv: list[str]) -> int | None:
         versions[name] = None if loaded is None else loaded.strip()
     if versions[CORE] != version or stale(version, versions):
         return None
+    _note_driver(path(state_dir), version, _read(path(FIRMWARE_PATH)), config.get("verify_command"))
     if args["command"] == "swap":
         _report(f"loaded NVIDIA driver {version} matches the system profile", version, args["log_target"])
     return 0
+
+
+def _note_driver(state_dir: str, version: str, firmware_path: str | None, verify: object) -> None:
+    """driver.json: the loaded driver's firmware path and verify command, as its own generation set
+    them (at boot, or after our swap), for a later rollback to it. Written once per driver: a
+    read of one small file on every other start."""
+    record = os.path.join(state_dir, DRIVER_RECORD)
+    try:
+        with open(record, encoding="utf-8") as f:
+            if json.load(f).get("driver_version") == version:
+                return
+    except (OSError, ValueError, AttributeError):
+        pass
+    data = {"format": 2, "driver_version": version,
+            "firmware_path": None if firmware_path is None else firmware_path.strip(),
+            "verify_command": list(verify) if isinstance(verify, (list, tuple)) else None}
+    try:
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        tmp = record + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+        os.replace(tmp, record)
+    except OSError:
+        pass  # best effort: a rollback without it keeps the firmware path as it is
 
 
 def _report(message: str, version: str, target: str) -> None:

@@ -22,6 +22,12 @@ DEFERRED_RECORD = "deferred.json"  # a swap deferred while the GPU is busy, in t
 # here stops the kernel's autoload (char-major-195-*) and nvidia-modprobe from loading the
 # booted driver into the gap.
 AUTOLOAD_BLOCK = "/run/modprobe.d/nvidia-kmod-swap.conf"
+# Where the kernel's firmware loader looks first; NixOS activation points it at the generation's
+# hardware.firmware. The driver loads its GSP firmware from nvidia/<its version>/ there.
+FIRMWARE_PATH = "/sys/module/firmware_class/parameters/path"
+# The loaded driver's own firmware path and verify command (driver.json, in the state dir),
+# noted while its generation is the current one: a rollback to it needs both.
+DRIVER_RECORD = "driver.json"
 DEFAULT_STATE_DIR = "/run/nvidia-kmod-swap"
 DEFAULT_MODULES = ("nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm")
 ON_BUSY = ("defer", "fail", "stop-units")
@@ -117,6 +123,7 @@ PARSERS: dict[str, Callable[[str, object], Any]] = {
     "state_dir": lambda k, v: _abs(k, _str(k, v)),
     "allowed_prefixes": _abs_list,
     "gc_root_dir": lambda k, v: None if v is None else _abs(k, _str(k, v)),
+    "firmware_path": lambda k, v: None if v is None else _abs(k, _str(k, v)),
     "busy_grace_s": _not_negative,
     "lock_timeout_s": _positive,
     "swap_unit": _unit,

@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from .plan import LoadStep
-from .rules import DEFERRED_RECORD, STATE_FILE
+from .rules import DEFERRED_RECORD, DRIVER_RECORD, STATE_FILE
 
 FORMAT = 2
 LOADED_RECORD = "loaded.json"
 FAILED_RECORD = "failed.json"
 
-__all__ = ["DEFERRED_RECORD", "FAILED_RECORD", "DeferredRecord", "FORMAT", "LOADED_RECORD", "STATE_FILE", "FailedRecord", "LoadedRecord",
-           "StateError", "StateDir", "SwapState"]
+__all__ = ["DEFERRED_RECORD", "DRIVER_RECORD", "FAILED_RECORD", "FORMAT", "LOADED_RECORD", "STATE_FILE", "DeferredRecord",
+           "DriverRecord", "FailedRecord", "LoadedRecord", "StateError", "StateDir", "SwapState"]
 
 
 class StateError(Exception):
@@ -50,6 +50,33 @@ def _steps(value: object, what: str) -> tuple[LoadStep, ...]:
     return tuple(steps)
 
 
+def _optional_str(value: object, where: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise StateError(f"{where}: {value!r} is not a string")
+    return value
+
+
+def _optional_argv(value: object, where: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or not all(isinstance(a, str) for a in value):
+        raise StateError(f"{where}: {value!r} is not a command")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class DriverRecord:
+    """The loaded driver's firmware path and verify command, noted while its generation was current."""
+
+    driver_version: str
+    firmware_path: str | None
+    verify_command: tuple[str, ...] | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "driver_version": self.driver_version, "firmware_path": self.firmware_path,
+                "verify_command": list(self.verify_command) if self.verify_command else None}
+
+
 @dataclass
 class SwapState:
     """A swap in progress. PHASE: stopping-units, prerequisites, unloading, loading, verifying,
@@ -67,6 +94,9 @@ class SwapState:
     reason: str = ""
     started: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
+    # The loaded driver's own firmware path and verify command (driver.json), for the rollback.
+    rollback_firmware_path: str | None = None
+    rollback_verify_command: tuple[str, ...] | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -89,7 +119,9 @@ class SwapState:
             return cls(expected, data.get("loaded_version"), _steps(data["load"], f"{where}: load"),
                        _steps(data["rollback"], f"{where}: rollback"), str(data.get("phase", "")),
                        int(data.get("step", 0)), str(data.get("detail", "")), bool(data.get("changed", True)),
-                       list(units), str(data.get("reason", "")))
+                       list(units), str(data.get("reason", "")),
+                       rollback_firmware_path=_optional_str(data.get("rollback_firmware_path"), where),
+                       rollback_verify_command=_optional_argv(data.get("rollback_verify_command"), where))
         except KeyError as e:
             raise StateError(f"{where}: missing {e.args[0]!r}") from e
         except (TypeError, ValueError) as e:
@@ -235,6 +267,21 @@ class StateDir:
                 or not isinstance(data.get("load"), list) or not all(isinstance(p, str) for p in data["load"])):
             raise StateError(f"{where}: not a record this helper reads (format 1 or {FORMAT})")
         return FailedRecord(data["driver_version"], tuple(data["load"]), str(data.get("reason", "")))
+
+    def driver(self) -> DriverRecord | None:
+        """driver.json, or None when it is missing or unreadable (it only helps a rollback)."""
+        try:
+            data = self._read(DRIVER_RECORD)
+        except StateError:
+            return None
+        if not isinstance(data, dict) or not isinstance(data.get("driver_version"), str):
+            return None
+        where = str(self.path / DRIVER_RECORD)
+        try:
+            return DriverRecord(data["driver_version"], _optional_str(data.get("firmware_path"), where),
+                                _optional_argv(data.get("verify_command"), where))
+        except StateError:
+            return None
 
     def deferred(self) -> DeferredRecord | None:
         data = self._read(DEFERRED_RECORD)

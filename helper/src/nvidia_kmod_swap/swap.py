@@ -29,9 +29,22 @@ from .holders import find_holders
 from .journal import Reporter
 from .paths import Root
 from .plan import DEFER, NONE, REFUSE, LoadStep, Plan, allowed, plan_restore, q, restore_problems
-from .rules import AUTOLOAD_BLOCK, CORE
+from .rules import AUTOLOAD_BLOCK, CORE, FIRMWARE_PATH
 from .snapshot import Snapshot, read_snapshot
-from .state import DEFERRED_RECORD, FAILED_RECORD, LOADED_RECORD, STATE_FILE, DeferredRecord, FailedRecord, LoadedRecord, StateDir, StateError, SwapState
+from .state import (
+    DEFERRED_RECORD,
+    DRIVER_RECORD,
+    FAILED_RECORD,
+    LOADED_RECORD,
+    STATE_FILE,
+    DeferredRecord,
+    DriverRecord,
+    FailedRecord,
+    LoadedRecord,
+    StateDir,
+    StateError,
+    SwapState,
+)
 
 EXIT_OK, EXIT_REFUSED, EXIT_ROLLED_BACK, EXIT_ROLLBACK_FAILED, EXIT_DEFERRED = 0, 1, 3, 4, 75
 LOCK_FILE = "lock"
@@ -223,6 +236,12 @@ class Swapper:
                                 holder_pids=[h.pid for h in plan.holders], **fields)
             return EXIT_REFUSED
         swap = SwapState(plan.expected_version, plan.loaded_version, plan.load, plan.rollback)
+        record = self.state.driver()
+        if record is not None and plan.loaded_version is not None and record.driver_version == plan.loaded_version:
+            # A rollback needs the loaded driver's own GSP firmware, which activation has just
+            # taken off the firmware path, and its own nvidia-smi to tell whether it works.
+            swap.rollback_firmware_path = record.firmware_path
+            swap.rollback_verify_command = record.verify_command
         try:
             self._save(swap)  # before anything: a state dir we cannot write stops us here
         except OSError as e:
@@ -293,6 +312,8 @@ class Swapper:
                 self._unload(name)
                 swap.changed = True
             watch = devices.UdevWatch(self.root)  # before the loads: their udev events are not missed
+            if self.config.firmware_path is not None:
+                self._point_firmware(self.config.firmware_path)
             for step in plan.load:
                 self._record_step(swap, "loading", f"load {step.path} {step.params}".strip())
                 self.effects.load(step.path, step.params)
@@ -337,8 +358,28 @@ class Swapper:
                     raise
             time.sleep(0.1)
 
+    def _point_firmware(self, path: str) -> None:
+        """Points the firmware loader at PATH (the driver about to be loaded initialises its GPUs
+        from there), unless it already is."""
+        current = self._firmware_path()
+        if current == path:
+            return
+        self.effects.set_firmware_path(path)
+        self.reporter.event("step", f"firmware path: {current or '(default)'} -> {path}", "info")
+
+    def _firmware_path(self) -> str | None:
+        try:
+            return self.root(FIRMWARE_PATH).read_text(errors="surrogateescape").strip()
+        except OSError:
+            return None
+
     def _finish(self, load: tuple[LoadStep, ...], version: str) -> None:
         self.state.write(LOADED_RECORD, LoadedRecord(version, load).to_json())
+        try:
+            self.state.write(DRIVER_RECORD, DriverRecord(version, self._firmware_path(),
+                                                         self.config.verify_command).to_json())
+        except OSError as e:
+            self.reporter.event("step", f"could not write {DRIVER_RECORD} ({e.strerror})", "warning")
         self.state.remove(STATE_FILE)
         self._keep_on_disk(load)
 
@@ -369,7 +410,7 @@ class Swapper:
         if nodes:
             raise SwapFailed(f"device nodes not ready after {self.config.settle_timeout_s:.0f}s: {'; '.join(nodes)}")
         if self.config.verify_command:
-            self._run_verify_command(expected)
+            self._run_verify_command(self.config.verify_command, expected)
 
     def _fix_modprobe_nodes(self) -> None:
         try:
@@ -380,8 +421,8 @@ class Swapper:
             self.reporter.event("step", "nodes nvidia-modprobe made, pointed at the loaded driver: " + "; ".join(fixed),
                                 "info")
 
-    def _run_verify_command(self, expected: str) -> None:
-        argv = list(self.config.verify_command or ())
+    def _run_verify_command(self, command: tuple[str, ...], expected: str) -> None:
+        argv = list(command)
         try:
             status, output = self.effects.run_command(argv, VERIFY_TIMEOUT_S)
         except EffectError as e:
@@ -414,9 +455,11 @@ class Swapper:
         try:
             for name in restore.unload:
                 self.effects.unload(name)
+            if restore.load and swap.rollback_firmware_path is not None:
+                self._point_firmware(swap.rollback_firmware_path)
             for step in restore.load:
                 self.effects.load(step.path, step.params)
-        except EffectError as e:
+        except (EffectError, OSError) as e:
             return self._rollback_failed(swap, reason, read_snapshot(self.root), str(e))
         after = read_snapshot(self.root)
         problems = restore_problems(after, target)
@@ -431,6 +474,13 @@ class Swapper:
                                            watch=watch, loaded_now={s.name for s in restore.load})
             if nodes:
                 return self._rollback_failed(swap, reason, after, "device nodes: " + "; ".join(nodes))
+            if swap.rollback_verify_command and swap.loaded_version:
+                # The old driver's own nvidia-smi: it opens every GPU, so an old driver without its
+                # firmware shows here, not later in the user's job.
+                try:
+                    self._run_verify_command(swap.rollback_verify_command, swap.loaded_version)
+                except SwapFailed as e:
+                    return self._rollback_failed(swap, reason, after, f"the rolled-back driver does not work: {e}")
         self.state.remove(STATE_FILE)
         self._keep_on_disk(target)
         shown = describe_loaded(after, [s.name for s in target]) if target else "no NVIDIA module"

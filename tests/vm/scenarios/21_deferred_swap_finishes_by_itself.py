@@ -30,7 +30,11 @@ def test(machine, bed):
 
     machine.succeed("systemctl stop cuda-job.service")  # the batch job ends; nobody touches our units
     stopped = time.monotonic()
-    machine.wait_until_succeeds(f"test \"$(cat /sys/module/nvidia/version)\" = {new}", timeout=90)
+    try:
+        machine.wait_until_succeeds(f"test \"$(cat /sys/module/nvidia/version)\" = {new}", timeout=90)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\nretry unit:\n{machine.journal('-u nvidia-kmod-swap-retry -n 40')}\n"
+                             f"persistenced:\n{machine.journal('-u nvidia-persistenced -n 40')}") from None
     machine.wait_for_unit("nvidia-persistenced.service", timeout=60)
     took = time.monotonic() - stopped
     versions = machine.driver_versions()

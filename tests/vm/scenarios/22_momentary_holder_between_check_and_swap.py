@@ -6,7 +6,7 @@ BOOT = {"driver": "old"}
 
 # Runs after the helper's own ExecCondition (a drop-in's ExecCondition= is appended to the unit's).
 DROP_IN = """[Service]
-ExecCondition=/bin/sh -c 'systemd-run --unit=nvml-blip.service /bin/sh -c "exec 3<>/dev/nvidiactl; sleep 2" && sleep 0.5'
+ExecCondition=/bin/sh -c 'systemd-run --remain-after-exit --unit=nvml-blip.service /bin/sh -c "exec 3<>/dev/nvidiactl; sleep 2" && sleep 0.5'
 """
 
 
