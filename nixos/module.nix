@@ -101,6 +101,9 @@ let
     # Symlinks below Nix's gcroots that point into the store are GC roots (nix: libstore/gc.cc,
     # findRoots): the files of the loaded driver, the next swap's rollback source, are kept.
     gc_root_dir = "/nix/var/nix/gcroots/nvidia-kmod-swap";
+    # Where this generation's activation points the firmware loader (udev.nix / nixos-init:
+    # "${config.hardware.firmware}/lib/firmware"); the new driver's GSP firmware is there.
+    firmware_path = "${config.hardware.firmware}/lib/firmware";
     busy_grace_s = cfg.busyGrace;
     lock_timeout_s = cfg.lockTimeout;
     swap_unit = swapUnit;

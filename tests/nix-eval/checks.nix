@@ -574,6 +574,17 @@ in
           };
         }
         {
+          what = "firmware_path: what activation writes to firmware_class.path (open: with the driver's firmware)";
+          got = [
+            (json open).firmware_path
+            (map (p: p.outPath) (config open).hardware.firmware.paths)
+          ];
+          want = [
+            "${(config open).hardware.firmware}/lib/firmware"
+            [ driver.firmware.outPath ]
+          ];
+        }
+        {
           what = "standalone: GPU units follow its own unit";
           got = (json standalone).swap_unit;
           want = "nvidia-kmod-swap.service";

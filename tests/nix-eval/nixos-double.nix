@@ -131,6 +131,8 @@
               else
                 [ nvidiaPkg.bin ];
             boot.kernelModules = lib.optionals useOpenModules [ "nvidia_uvm" ];
+            # hardware.firmware = lib.optional cfg.open nvidia_x11.firmware;
+            hardware.firmware = lib.optional useOpenModules nvidiaPkg.firmware;
             systemd.services.nvidia-persistenced = persistenced;
           }
           # (lib.mkIf cfg.dynamicBoost.enable { "nvidia-powerd" = { ... Type = "dbus"; BusName =
@@ -198,7 +200,7 @@
 
   # The rest of NixOS we define into or read.
   (
-    { lib, ... }:
+    { lib, pkgs, ... }:
     let
       # nixos/lib/systemd-unit-options.nix unitOption: list definitions concatenate (in mkOrder
       # order), others must be equal.
@@ -280,6 +282,22 @@
         services.udev.extraRules = lib.mkOption {
           type = lib.types.lines;
           default = "";
+        };
+        # nixos/modules/services/hardware/udev.nix (NixOS/nixpkgs 01f19f54): a list of packages,
+        # apply = list: pkgs.buildEnv { name = "firmware"; paths = list; pathsToLink =
+        # [ "/lib/firmware" ]; ignoreCollisions = true; }; activation then writes
+        # "${config.hardware.firmware}/lib/firmware" to /sys/module/firmware_class/parameters/path.
+        hardware.firmware = lib.mkOption {
+          type = lib.types.listOf lib.types.package;
+          default = [ ];
+          apply =
+            list:
+            pkgs.buildEnv {
+              name = "firmware";
+              paths = list;
+              pathsToLink = [ "/lib/firmware" ];
+              ignoreCollisions = true;
+            };
         };
         # specialisation.<name>.configuration is a deferredModule: kept as written, evaluated later.
         specialisation = lib.mkOption {

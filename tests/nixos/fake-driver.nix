@@ -91,7 +91,7 @@ stdenv.mkDerivation {
     runHook preInstall
     install -Dm755 -t $bin/bin nvidia-smi
     mkdir -p $out/lib $firmware/lib/firmware/nvidia/${version}
-    echo "fake GSP firmware ${version}" > $firmware/lib/firmware/nvidia/${version}/gsp_fake.bin
+    echo "fake GSP firmware ${version}" > $firmware/lib/firmware/nvidia/${version}/gsp_ga10x.bin
   ''
   + lib.optionalString (layout == "legacy") ''
     modules=lib/modules/${kernel.modDirVersion}/misc

@@ -47,6 +47,7 @@ let
   # A generation whose system profile carries another driver, as a driver bump would.
   withDriver = driver: {
     boot.extraModulePackages = lib.mkForce [ (moduleTree driver) ];
+    hardware.firmware = lib.mkForce [ driver.firmware ];
     services.nvidiaKmodSwap.nvidiaPackage = lib.mkForce driver;
     systemd.services.nvidia-persistenced.serviceConfig = lib.mapAttrs (_: lib.mkForce) (
       persistencedUnit driver
@@ -60,6 +61,9 @@ in
   imports = [ ../../nixos/module.nix ];
 
   boot.extraModulePackages = [ (moduleTree drivers.old) ];
+  # The driver's GSP firmware (nvidia.nix: hardware.firmware = lib.optional cfg.open
+  # nvidia_x11.firmware; the fake needs it either way), which activation puts on the firmware path.
+  hardware.firmware = [ drivers.old.firmware ];
   boot.kernelModules = [
     "nvidia"
     "nvidia_modeset"

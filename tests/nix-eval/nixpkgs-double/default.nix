@@ -167,6 +167,14 @@ let
           paths = f final.python3Packages;
         };
       testers.runNixOSTest = module: drv { name = "vm-test-run-${module.name}"; };
+      # pkgs/build-support/buildenv: a derivation of symlinks to PATHS.
+      buildEnv =
+        {
+          name,
+          paths,
+          ...
+        }:
+        drv { inherit name paths; };
       aggregateModules =
         modules:
         drv {
