@@ -198,6 +198,7 @@ class FakeSystem:
             (d / "refcnt").write_text(f"{refcnt}\n")
             (d / "initstate").write_text("live\n")
         (self.base / "proc/modules").write_text("".join(line + "\n" for line in lines))
+        self._sync_drm()
         (sysmod / "firmware_class/parameters").mkdir(parents=True)
         (sysmod / "firmware_class/parameters/path").write_text(self.firmware_path + "\n")
         (self.base / "proc/sys/kernel/modules_disabled").write_text("1\n" if self.modules_disabled else "0\n")
@@ -215,6 +216,22 @@ class FakeSystem:
                 d = gpus / f"0000:{minor + 1:02x}:00.0"
                 d.mkdir(parents=True)
                 (d / "information").write_text(f"Model: \t\t Fake\nDevice Minor: \t {minor}\n")
+
+    def _sync_drm(self) -> None:
+        """/sys/class/drm as the kernel shows it: an integrated GPU's card1 (i915), and with
+        nvidia_drm.modeset=1 the NVIDIA one (nvidia-drm-drv.c registers a drm_device on the GPU,
+        whose driver is an NVIDIA module), plus a connector entry of each, which is no node."""
+        drm = self.base / "sys/class/drm"
+        shutil.rmtree(drm, ignore_errors=True)
+        cards = {"card1": "i915"}
+        drm_module = self.modules.get("nvidia_drm")
+        if drm_module is not None and "modeset=1" in drm_module.params.split():
+            cards["card0"] = "nvidia"
+        for card, module in cards.items():
+            driver = drm / card / "device/driver"
+            driver.mkdir(parents=True)
+            (driver / "module").symlink_to(f"../../../../module/{module}")
+            (drm / f"{card}-DP-1").mkdir()
 
     @property
     def real_nodes(self) -> bool:
@@ -256,19 +273,24 @@ class FakeSystem:
     def versions(self) -> dict[str, str | None]:
         return {n: m.version for n, m in sorted(self.modules.items())}
 
-    def hold_device(self, pid: int, comm: str, unit: str | None, path: str = "/dev/nvidia0") -> None:
-        """A process with the device open: /proc/<pid>/fd link, and a reference on nvidia."""
+    def hold_device(self, pid: int, comm: str, unit: str | None, path: str = "/dev/nvidia0", module: str = "nvidia") -> None:
+        """A process with the device open: /proc/<pid>/fd link, and a reference on MODULE (the
+        owner of the node's file operations: nvidia, or nvidia_drm for /dev/dri/card*)."""
         proc = self.base / "proc" / str(pid)
         (proc / "fd").mkdir(parents=True, exist_ok=True)
         (proc / "fd" / "3").symlink_to(path)
         (proc / "comm").write_text(comm + "\n")
         (proc / "cgroup").write_text(f"0::/system.slice/{unit}\n" if unit else "0::/user.slice/user-1000.slice/session-2.scope\n")
-        self.modules["nvidia"].refcnt_extra += 1
+        (proc / "module").write_text(module)  # not in /proc: which reference release_device drops
+        if module in self.modules:
+            self.modules[module].refcnt_extra += 1
         self.sync()
 
     def release_device(self, pid: int) -> None:
+        module = (self.base / "proc" / str(pid) / "module").read_text()
         shutil.rmtree(self.base / "proc" / str(pid))
-        self.modules["nvidia"].refcnt_extra -= 1
+        if module in self.modules:
+            self.modules[module].refcnt_extra -= 1
         self.sync()
 
 

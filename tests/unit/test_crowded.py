@@ -12,6 +12,7 @@ import pytest
 from fakesys import NEW, OLD, FakeEffects, make_config, write_config, write_driver
 from nvidia_kmod_swap.cli import main
 from nvidia_kmod_swap.config import ConfigError, parse
+from nvidia_kmod_swap.facts import make_plan
 from nvidia_kmod_swap.journal import Reporter
 from nvidia_kmod_swap.quick import try_noop
 from nvidia_kmod_swap.swap import EXIT_DEFERRED, EXIT_OK, EXIT_ROLLED_BACK, Swapper
@@ -37,6 +38,50 @@ def cli(system, store, trees, tmp_path, *args, effects=None, **overrides):
     path = write_config(tmp_path / "config.json", make_config(store, [trees[1]], [trees[0]], **overrides))
     argv = ["--root", str(system.base), "--config", str(path), "--log-target", "stderr", *args]
     return main(argv, effects=effects)
+
+
+# -- 2. DRM clients --------------------------------------------------------------------------------
+def modeset_driver(system):
+    """The old driver with nvidia_drm.modeset=1 from modprobe.d (NixOS: hardware.nvidia.modesetting)."""
+    (system.base / "etc/modprobe.d/nvidia.conf").write_text("options nvidia_drm modeset=1\n")
+    system.load_driver(OLD, names=("nvidia", "nvidia_modeset", "nvidia_uvm"))
+    system.add("nvidia_drm", OLD, params="modeset=1")
+
+
+def test_a_compositor_on_the_nvidia_drm_node_is_named_with_pid_and_unit(system, store, trees):
+    modeset_driver(system)
+    system.hold_device(900, "Xorg", "display-manager.service", "/dev/dri/card0", module="nvidia_drm")
+    system.hold_device(901, "gnome-shell", "session-2.scope", "/dev/dri/card1", module="i915")  # the iGPU: not ours
+    plan = make_plan(system.root, config_for(store, trees))
+    assert plan.action == "defer", plan.reason
+    assert "pid 900 (Xorg) holds /dev/dri/card0 [display-manager.service]" in plan.reason, plan.reason
+    assert "901" not in plan.reason and "kernel" not in plan.reason
+
+
+def test_stop_units_stops_the_display_manager_holding_nvidia_drm_and_starts_it_again(system, store, trees):
+    modeset_driver(system)
+    system.hold_device(900, "Xorg", "display-manager.service", "/dev/dri/card0", module="nvidia_drm")
+
+    def systemctl(args):
+        if args == ["stop", "display-manager.service"]:
+            system.release_device(900)
+
+    effects = FakeEffects(system, on_systemctl=systemctl)
+    config = config_for(store, trees, on_busy="stop-units", stop_units=["display-manager.service"])
+    assert swapper(system, config, effects).run() == EXIT_OK
+    assert system.versions() == FULL
+    assert system.modules["nvidia_drm"].params == "modeset=1"
+    assert effects.systemctl_calls == [["stop", "display-manager.service"],
+                                       ["start", "--no-block", "display-manager.service"]]
+
+
+def test_a_kernel_only_reference_is_explained_in_words_a_user_can_act_on(system, store, trees):
+    modeset_driver(system)
+    system.change("nvidia_drm", refcnt_extra=1)  # fbcon on the NVIDIA framebuffer (fbdev=1)
+    plan = make_plan(system.root, config_for(store, trees))
+    assert plan.action == "defer"
+    assert "nvidia_drm has 1 reference(s) from the kernel, not from a process" in plan.reason, plan.reason
+    assert "vtconsole" in plan.reason and "nvidia_drm.fbdev=0" in plan.reason
 
 
 # -- 4. no autoload in the swap window ------------------------------------------------------------

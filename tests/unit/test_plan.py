@@ -201,7 +201,8 @@ def test_kernel_user_without_process_defers(system, store, trees):
     system.change("nvidia_drm", refcnt_extra=1)  # e.g. fbcon on nvidia-drm
     plan = plan_for(system, store, trees[1], trees[0])
     assert plan.action == "defer"
-    assert "kernel users of nvidia_drm" in plan.reason
+    assert "nvidia_drm has 1 reference(s) from the kernel, not from a process" in plan.reason
+    assert "nvidia_drm.fbdev=0" in plan.reason  # something the user can act on
 
 
 def test_module_parameters_reach_the_load_steps(system, store, trees):

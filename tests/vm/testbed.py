@@ -39,6 +39,8 @@ TRIM = ["usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale", 
 MASK = ["apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backup.timer", "e2scrub_all.timer",
         "fstrim.timer", "systemd-timesyncd.service", "getty@tty1.service"]
 DEFAULT_MODULES = ["nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm"]
+# In-tree modules of the host's kernel the guest's module tree carries (paths as in modules.dep).
+IN_TREE_MODULES = ["kernel/drivers/gpu/drm/drm.ko"]
 # GPU units of a crowded host (issue 11): unit -> what it stands for. The NixOS module wires the real
 # ones (nvidia-container-toolkit-cdi-generator, nvidia-powerd, nvidia-fabricmanager, the user's).
 GPU_UNITS = {"gpu-cdi-generator.service": "CDI generator (nvidia-ctk cdi generate: NVML)",
@@ -213,6 +215,22 @@ class Overlay:
         for name in ("modules.builtin", "modules.builtin.modinfo", "modules.order"):
             if (host_tree / name).exists():
                 shutil.copy(host_tree / name, tree / name)
+        # In-tree modules the fake driver links against (nvidia-drm.ko uses drm.ko, as the real one
+        # does), with their dependencies from the host's modules.dep: copied from the installed
+        # kernel image package, as a NixOS system's tree has them.
+        deps = {}
+        for line in (host_tree / "modules.dep").read_text().splitlines():
+            target, _, rest = line.partition(":")
+            deps[target] = rest.split()
+        wanted, todo = set(), list(IN_TREE_MODULES)
+        while todo:
+            rel = todo.pop()
+            if rel not in wanted:
+                wanted.add(rel)
+                todo += deps.get(rel, [])
+        for rel in sorted(wanted):
+            (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(host_tree / rel, tree / rel)
         labels = ([self.boot.driver] if self.boot.driver else []) + self.boot.extra_packages
         for label in labels:
             module_dir = Path(self.index["packages"][label]["module_dir"])

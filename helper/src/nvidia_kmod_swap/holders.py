@@ -1,4 +1,6 @@
-"""Who holds the GPU: processes with /dev/nvidia* open, and the systemd units they belong to."""
+"""Who holds the GPU: processes with /dev/nvidia* open, or a DRM node of an NVIDIA GPU
+(/dev/dri/card*, renderD*: a compositor or display manager, with nvidia_drm.modeset=1), and the
+systemd units they belong to."""
 
 from __future__ import annotations
 
@@ -8,6 +10,29 @@ from dataclasses import dataclass
 from .paths import Root
 
 DEVICE_PREFIXES = ("/dev/nvidia",)
+DRM_CLASS = "/sys/class/drm"
+
+
+def nvidia_drm_nodes(root: Root) -> frozenset[str]:
+    """/dev/dri/<minor> of every DRM minor whose device is bound to an NVIDIA module: the real
+    nvidia-drm registers its drm_device on the GPU's PCI device, bound to nvidia.ko, so
+    /sys/class/drm/card<N>/device/driver/module is .../module/nvidia. An open DRM node pins
+    nvidia_drm (f_op->owner) without any /dev/nvidia* fd."""
+    try:
+        names = os.listdir(root(DRM_CLASS))
+    except OSError:
+        return frozenset()
+    nodes = set()
+    for name in names:
+        if not name.startswith(("card", "renderD")) or "-" in name:  # card0-HDMI-A-1: a connector
+            continue
+        try:
+            module = os.path.basename(os.readlink(root(f"{DRM_CLASS}/{name}/device/driver/module")))
+        except OSError:
+            continue
+        if module.startswith("nvidia"):
+            nodes.add(f"/dev/dri/{name}")
+    return frozenset(nodes)
 
 
 @dataclass(frozen=True)
@@ -36,6 +61,7 @@ def unit_of(cgroup_text: str) -> str | None:
 
 def find_holders(root: Root) -> list[Holder]:
     holders: list[Holder] = []
+    drm_nodes = nvidia_drm_nodes(root)
     proc = root("/proc")
     for entry in os.scandir(proc):
         if not entry.name.isdigit():
@@ -52,7 +78,7 @@ def find_holders(root: Root) -> list[Holder]:
                 target = os.readlink(fd_dir / fd)
             except OSError:
                 continue
-            if target.startswith(DEVICE_PREFIXES) and target not in seen:
+            if (target.startswith(DEVICE_PREFIXES) or target in drm_nodes) and target not in seen:
                 seen.add(target)
         if not seen:
             continue

@@ -89,6 +89,25 @@ class Plan:
         return data
 
 
+# What holds a driver module when no process has /dev/nvidia* or an NVIDIA DRM node open, in
+# words a user can act on.
+KERNEL_REFERENCES = {
+    "nvidia_drm": ("the framebuffer console on the NVIDIA GPU (nvidia_drm.fbdev=1) or another in-kernel DRM client: "
+                   "move the console off it (echo 0 > /sys/class/vtconsole/vtcon<N>/bind for the vtcon named after "
+                   "the NVIDIA framebuffer) or boot with nvidia_drm.fbdev=0"),
+    "nvidia_vgpu_vfio": "a vGPU mediated device is open (a virtual machine uses it): shut the VM down",
+    "nvidia_modeset": "nvidia_drm's display state or the X server's NVIDIA driver",
+    "nvidia_uvm": "another kernel module's or an RDMA/peer-memory user's references to CUDA memory",
+    "nvidia": "another driver's references (a VFIO, peer-memory or display client in the kernel)",
+}
+
+
+def explain_kernel_references(module: LoadedModule) -> str:
+    """'nvidia_drm has 1 reference(s) from the kernel, not from a process: <what and what to do>'."""
+    what = KERNEL_REFERENCES.get(module.name, "kernel code that is not a process (no open device file)")
+    return f"{module.name} has {module.kernel_users} reference(s) from the kernel, not from a process: {what}"
+
+
 def q(value: object) -> str:
     """A value read from a file, quoted so that stray bytes and newlines show."""
     return repr(value)
@@ -324,10 +343,9 @@ def plan_change(snapshot: Snapshot, config: Config, new: Inventory, old: Invento
 
     if action == SWAP:
         procs = holders
-        unexplained = [f"{n} (refcount {snapshot.modules[n].refcnt}, {len(snapshot.modules[n].holders)} holder modules)"
-                       for n in family if snapshot.modules[n].kernel_users]
+        unexplained = [explain_kernel_references(snapshot.modules[n]) for n in family if snapshot.modules[n].kernel_users]
         if procs or unexplained:
-            who = [h.describe() for h in procs] or [f"kernel users of {', '.join(unexplained)}"]
+            who = [h.describe() for h in procs] or unexplained
             units = sorted({h.unit for h in procs if h.unit})
             # Stopping units can only help when processes hold the GPU; swap re-checks after stopping them.
             stoppable = (config.on_busy == "stop-units" and procs

@@ -1,12 +1,13 @@
 """Issue 11 §6: a check/swap race. Right after `check` found the GPU idle, an NVML client opens
-/dev/nvidiactl for two seconds (a CDI generator, a monitoring agent). `swap` must wait for it,
-within busy_grace_s, and swap: the unit does not fail."""
+/dev/nvidiactl for five seconds (a CDI generator, a monitoring agent: long enough that `swap`, whose
+start takes a second or two under emulation, finds it). `swap` must wait for it, within
+busy_grace_s (10 here), and swap: the unit does not fail."""
 
 BOOT = {"driver": "old"}
 
 # Runs after the helper's own ExecCondition (a drop-in's ExecCondition= is appended to the unit's).
 DROP_IN = """[Service]
-ExecCondition=/bin/sh -c 'systemd-run --remain-after-exit --unit=nvml-blip.service /bin/sh -c "exec 3<>/dev/nvidiactl; sleep 2" && sleep 0.5'
+ExecCondition=/bin/sh -c 'systemd-run --remain-after-exit --unit=nvml-blip.service /bin/sh -c "exec 3<>/dev/nvidiactl; sleep 5" && sleep 0.5'
 """
 
 
@@ -15,7 +16,7 @@ def test(machine, bed):
     machine.wait_for_unit("nvidia-persistenced.service")
     machine.succeed("mkdir -p /run/systemd/system/nvidia-persistenced.service.d && cat > "
                     "/run/systemd/system/nvidia-persistenced.service.d/blip.conf <<'EOF'\n" + DROP_IN + "EOF")
-    bed.switch_driver("new")
+    bed.switch_driver("new", config={"busy_grace_s": 10})
     assert bed.restart_persistenced() == 0, machine.journal("-u nvidia-persistenced")
     machine.wait_for_unit("nvidia-persistenced.service")
     assert machine.unit_property("nvidia-persistenced.service", "Result") == "success"
