@@ -19,6 +19,18 @@ CONFIG = "/etc/nvidia-kmod-swap/config.json"
 HELPER = ["/usr/bin/nvidia-kmod-swap", "--log-target", "stderr", "--config", CONFIG]
 PACKAGES = json.loads(Path("/etc/testbed/packages.json").read_text())["packages"]
 SEED = Path("/usr/local/lib/testbed/seed-script.sh")
+BEFORE = Path("/usr/local/bin/nvidia-kmod-swap-before")  # the helper of an earlier revision (tests/bench/run --before)
+BEFORE_CONFIG = "/etc/nvidia-kmod-swap/config-before.json"
+
+
+def before_config() -> None:
+    """Today's config without the keys the earlier helper does not know (it refuses unknown keys)."""
+    known = subprocess.run(
+        ["/usr/bin/python3", "-c", "import json, sys; sys.path.insert(0, '/usr/lib/nvidia-kmod-swap-before')\n"
+         "try:\n from nvidia_kmod_swap.rules import KEYS\nexcept ImportError:\n from nvidia_kmod_swap.quick import KEYS\n"
+         "print(json.dumps(sorted(KEYS)))"], capture_output=True, text=True, check=True).stdout
+    config = json.loads(Path(CONFIG).read_text())
+    Path(BEFORE_CONFIG).write_text(json.dumps({k: v for k, v in config.items() if k in json.loads(known)}))
 DRIVER = ["nvidia", "nvidia-modeset", "nvidia-uvm", "nvidia-drm"]
 NOOP_RUNS = int(os.environ.get("BENCH_NOOP_RUNS", "30"))
 SWAP_RUNS = int(os.environ.get("BENCH_SWAP_RUNS", "6"))
@@ -51,23 +63,31 @@ def median_ms(samples: list[float]) -> float:
     return round(statistics.median(samples) * 1000, 2)
 
 
-def noop(label: str) -> dict:
+def noop(label: str, before_too: bool = False) -> dict:
     """Versions equal: the helper's check + swap, the floor, the seed script; interleaved."""
     switch(label)
     version = PACKAGES[label]["version"]
     floor_cmd = ["/bin/sh", "-c", f'read v < /sys/module/nvidia/version && [ "$v" = "{version}" ]']
-    helper, floor, seed, rss = [], [], [], []
+    helper, floor, seed, rss, before = [], [], [], [], []
+    before_too = before_too and BEFORE.exists()
+    if before_too:
+        before_config()
     for _ in range(NOOP_RUNS):
         t1, r1 = run(HELPER + ["check"])
         t2, r2 = run(HELPER + ["swap"])
         helper.append(t1 + t2)
         rss.append(max(r1, r2))
+        if before_too:
+            argv = [str(BEFORE), "--log-target", "stderr", "--config", BEFORE_CONFIG]
+            before.append(run(argv + ["check"])[0] + run(argv + ["swap"])[0])
         floor.append(run(floor_cmd)[0])
         if SEED.exists():
             seed.append(run(["/bin/bash", str(SEED)])[0])
     result = {"helper_ms": median_ms(helper), "floor_ms": median_ms(floor), "max_rss_kib": max(rss)}
     if seed:
         result["seed_script_ms"] = median_ms(seed)
+    if before:
+        result["before_helper_ms"] = median_ms(before)
     return result
 
 
@@ -116,11 +136,14 @@ def slope(points: dict[int, float]) -> float:
 def main() -> int:
     out: dict = {"noop_runs": NOOP_RUNS, "swap_runs_per_direction": SWAP_RUNS}
     # The no-op path, as on every start of nvidia-persistenced.
-    base = noop("old")
+    base = noop("old", before_too=True)
     out["noop"] = base
     out["noop_ratio_vs_floor"] = round(base["helper_ms"] / base["floor_ms"], 2)
     if "seed_script_ms" in base:
         out["noop_ratio_vs_seed_script"] = round(base["helper_ms"] / base["seed_script_ms"], 2)
+    if "before_helper_ms" in base:
+        out["noop_ratio_vs_before"] = round(base["helper_ms"] / base["before_helper_ms"], 2)
+        out["before_revision"] = Path("/etc/testbed/before-rev").read_text().strip()
     # Full swaps with 4 modules and 1 GPU, then the scaling runs.
     scale_swap, scale_bare, scale_noop = {}, {}, {}
     for gpus in (1, 8, 32):
@@ -139,6 +162,7 @@ def main() -> int:
                           "swap": max(v["max_rss_kib"] for k, v in out.items() if k.startswith("swap_") and isinstance(v, dict))}
     out["targets"] = {
         "noop <= 2x floor": out["noop_ratio_vs_floor"] <= 2,
+        "noop no slower than before": out["noop_ratio_vs_before"] <= 1.0 if "noop_ratio_vs_before" in out else None,
         "noop <= 0.5x seed script": out.get("noop_ratio_vs_seed_script", 0) <= 0.5 if "noop_ratio_vs_seed_script" in out else None,
         "swap <= 1.2x bare": out["swap_ratio_vs_bare"] <= 1.2,
         "per-GPU growth <= bare's": out["swap_ms_per_gpu"] <= max(out["bare_ms_per_gpu"], 0) + 1,

@@ -71,7 +71,7 @@ def switched(system, store, trees, fw, smi, **overrides):
 def test_the_no_op_path_notes_the_loaded_drivers_firmware_and_verify_command(bed, tmp_path):
     system, store, trees, fw, smi = bed
     boot_noop(system, tmp_path, store, trees, fw, smi)
-    record = json.loads((system.root("/run/nvidia-kmod-swap") / "driver.json").read_text())
+    record = json.loads((system.root("/run/nvidia-kmod-swap") / f"driver-{OLD}.json").read_text())
     assert record == {"format": 2, "driver_version": OLD, "firmware_path": fw[OLD], "verify_command": smi[OLD]}
 
 
@@ -104,7 +104,7 @@ def test_a_swap_points_the_firmware_loader_at_the_new_generation_when_activation
     config = parse(make_config(store, [trees[1]], [trees[0]], verify_command=smi[NEW], firmware_path=fw[NEW]))
     assert Swapper(system.root, config, FakeEffects(system), Reporter("stderr")).run() == EXIT_OK
     assert system.firmware_path == fw[NEW] and system.versions()["nvidia"] == NEW
-    record = json.loads((system.root("/run/nvidia-kmod-swap") / "driver.json").read_text())
+    record = json.loads((system.root("/run/nvidia-kmod-swap") / f"driver-{NEW}.json").read_text())
     assert record["driver_version"] == NEW and record["firmware_path"] == fw[NEW]
 
 

@@ -16,11 +16,11 @@ from .rules import (
     CORE,
     DEFAULT_STATE_DIR,
     DEFERRED_RECORD,
-    DRIVER_RECORD,
     FIRMWARE_PATH,
     STATE_FILE,
     ConfigError,
     driver_closure,
+    driver_record,
     parse_proc_modules,
     stale,
     validate,
@@ -101,16 +101,15 @@ def try_noop(argv: list[str]) -> int | None:
 
 
 def _note_driver(state_dir: str, version: str, firmware_path: str | None, verify: object) -> None:
-    """driver.json: the loaded driver's firmware path and verify command, as its own generation set
-    them (at boot, or after our swap), for a later rollback to it. Written once per driver: a
-    read of one small file on every other start."""
-    record = os.path.join(state_dir, DRIVER_RECORD)
-    try:
-        with open(record, encoding="utf-8") as f:
-            if json.load(f).get("driver_version") == version:
-                return
-    except (OSError, ValueError, AttributeError):
-        pass
+    """driver-<version>.json: the loaded driver's firmware path and verify command, as its own
+    generation set them (at boot, or after our swap), for a later rollback to it. Written once per
+    driver and boot: one stat on every other start."""
+    name = driver_record(version)
+    if name is None:
+        return
+    record = os.path.join(state_dir, name)
+    if os.path.lexists(record):
+        return
     data = {"format": 2, "driver_version": version,
             "firmware_path": None if firmware_path is None else firmware_path.strip(),
             "verify_command": list(verify) if isinstance(verify, (list, tuple)) else None}

@@ -25,9 +25,16 @@ AUTOLOAD_BLOCK = "/run/modprobe.d/nvidia-kmod-swap.conf"
 # Where the kernel's firmware loader looks first; NixOS activation points it at the generation's
 # hardware.firmware. The driver loads its GSP firmware from nvidia/<its version>/ there.
 FIRMWARE_PATH = "/sys/module/firmware_class/parameters/path"
-# The loaded driver's own firmware path and verify command (driver.json, in the state dir),
-# noted while its generation is the current one: a rollback to it needs both.
-DRIVER_RECORD = "driver.json"
+# A driver's own firmware path and verify command (driver-<version>.json, in the state dir),
+# noted while its generation is the current one: a rollback to it needs both. Named by version, so
+# that the no-op path tells "noted already" by one stat.
+
+
+def driver_record(version: str) -> str | None:
+    """The record's file name for VERSION, or None for a version that cannot be a file name."""
+    if not version or "/" in version or version.startswith(".") or "\0" in version:
+        return None
+    return f"driver-{version}.json"
 DEFAULT_STATE_DIR = "/run/nvidia-kmod-swap"
 DEFAULT_MODULES = ("nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm")
 ON_BUSY = ("defer", "fail", "stop-units")

@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from .plan import LoadStep
-from .rules import DEFERRED_RECORD, DRIVER_RECORD, STATE_FILE
+from .rules import DEFERRED_RECORD, STATE_FILE, driver_record
 
 FORMAT = 2
 LOADED_RECORD = "loaded.json"
 FAILED_RECORD = "failed.json"
 
-__all__ = ["DEFERRED_RECORD", "DRIVER_RECORD", "FAILED_RECORD", "FORMAT", "LOADED_RECORD", "STATE_FILE", "DeferredRecord",
+__all__ = ["DEFERRED_RECORD", "FAILED_RECORD", "FORMAT", "LOADED_RECORD", "STATE_FILE", "DeferredRecord",
            "DriverRecord", "FailedRecord", "LoadedRecord", "StateError", "StateDir", "SwapState"]
 
 
@@ -94,7 +94,7 @@ class SwapState:
     reason: str = ""
     started: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
-    # The loaded driver's own firmware path and verify command (driver.json), for the rollback.
+    # The loaded driver's own firmware path and verify command (driver-<version>.json), for the rollback.
     rollback_firmware_path: str | None = None
     rollback_verify_command: tuple[str, ...] | None = None
 
@@ -268,20 +268,28 @@ class StateDir:
             raise StateError(f"{where}: not a record this helper reads (format 1 or {FORMAT})")
         return FailedRecord(data["driver_version"], tuple(data["load"]), str(data.get("reason", "")))
 
-    def driver(self) -> DriverRecord | None:
-        """driver.json, or None when it is missing or unreadable (it only helps a rollback)."""
+    def driver(self, version: str) -> DriverRecord | None:
+        """driver-<VERSION>.json, or None when it is missing or unreadable (it only helps a rollback)."""
+        name = driver_record(version)
+        if name is None:
+            return None
         try:
-            data = self._read(DRIVER_RECORD)
+            data = self._read(name)
         except StateError:
             return None
-        if not isinstance(data, dict) or not isinstance(data.get("driver_version"), str):
+        if not isinstance(data, dict) or data.get("driver_version") != version:
             return None
-        where = str(self.path / DRIVER_RECORD)
+        where = str(self.path / name)
         try:
             return DriverRecord(data["driver_version"], _optional_str(data.get("firmware_path"), where),
                                 _optional_argv(data.get("verify_command"), where))
         except StateError:
             return None
+
+    def write_driver(self, record: DriverRecord) -> None:
+        name = driver_record(record.driver_version)
+        if name is not None:
+            self.write(name, record.to_json())
 
     def deferred(self) -> DeferredRecord | None:
         data = self._read(DEFERRED_RECORD)

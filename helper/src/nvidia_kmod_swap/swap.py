@@ -33,7 +33,6 @@ from .rules import AUTOLOAD_BLOCK, CORE, FIRMWARE_PATH
 from .snapshot import Snapshot, read_snapshot
 from .state import (
     DEFERRED_RECORD,
-    DRIVER_RECORD,
     FAILED_RECORD,
     LOADED_RECORD,
     STATE_FILE,
@@ -236,8 +235,8 @@ class Swapper:
                                 holder_pids=[h.pid for h in plan.holders], **fields)
             return EXIT_REFUSED
         swap = SwapState(plan.expected_version, plan.loaded_version, plan.load, plan.rollback)
-        record = self.state.driver()
-        if record is not None and plan.loaded_version is not None and record.driver_version == plan.loaded_version:
+        record = self.state.driver(plan.loaded_version) if plan.loaded_version else None
+        if record is not None:
             # A rollback needs the loaded driver's own GSP firmware, which activation has just
             # taken off the firmware path, and its own nvidia-smi to tell whether it works.
             swap.rollback_firmware_path = record.firmware_path
@@ -376,10 +375,9 @@ class Swapper:
     def _finish(self, load: tuple[LoadStep, ...], version: str) -> None:
         self.state.write(LOADED_RECORD, LoadedRecord(version, load).to_json())
         try:
-            self.state.write(DRIVER_RECORD, DriverRecord(version, self._firmware_path(),
-                                                         self.config.verify_command).to_json())
+            self.state.write_driver(DriverRecord(version, self._firmware_path(), self.config.verify_command))
         except OSError as e:
-            self.reporter.event("step", f"could not write {DRIVER_RECORD} ({e.strerror})", "warning")
+            self.reporter.event("step", f"could not note the driver's firmware path ({e.strerror})", "warning")
         self.state.remove(STATE_FILE)
         self._keep_on_disk(load)
 
