@@ -113,3 +113,21 @@ def test_firmware_path_is_validated(store):
 
     with pytest.raises(ConfigError, match="firmware_path.*absolute"):
         parse(make_config(store, [store], firmware_path="lib/firmware"))
+
+
+def test_crash_recovery_rolls_back_with_the_old_firmware_too(bed, tmp_path):
+    """Killed after the old modules were unloaded and the new nvidia loaded: the next run (a
+    restart of the unit) rolls back from swap.json, which carries the old firmware path."""
+    from fakesys import Crash
+
+    system, store, trees, fw, smi = bed
+    boot_noop(system, tmp_path, store, trees, fw, smi)
+    config = switched(system, store, trees, fw, smi)
+    with pytest.raises(Crash):  # calls: 4 unloads, then the loads; die at the second load
+        Swapper(system.root, config, FakeEffects(system, crash_at_call=5), Reporter("stderr")).run()
+    assert system.versions().get("nvidia") == NEW and "nvidia_uvm" not in system.modules
+    # the profile is rolled back meanwhile (deploy-rs): only the broken new uvm stays unloadable
+    broken = FakeEffects(system, always_fail={("load", str(trees[1] / "misc/nvidia-uvm.ko")): 19})
+    assert Swapper(system.root, config, broken, Reporter("stderr")).run() == EXIT_ROLLED_BACK
+    assert system.versions()["nvidia"] == OLD
+    assert system.firmware_path == fw[OLD]
