@@ -1,9 +1,5 @@
 with subtest("a busy GPU defers: nothing unloaded, the unit skipped, not failed"):
-    machine.succeed("systemctl start cuda-job.service")
-    machine.wait_until_succeeds(
-        "ls -l /proc/$(systemctl show -P MainPID cuda-job.service)/fd | grep /dev/nvidia0 >/dev/null"
-    )
-    rc, out = switch("new")
+    rc, out = switch_while_busy("new")
     assert rc == 0, out
     assert set(versions().values()) == {OLD}, versions()
     assert unit_state("nvidia-persistenced") == "inactive"

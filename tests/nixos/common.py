@@ -13,6 +13,15 @@ def switch(generation):
     return machine.execute(f"{path}/bin/switch-to-configuration test")
 
 
+def switch_while_busy(generation):
+    """cuda-job.service holds /dev/nvidia0, then the switch: the swap must be deferred."""
+    machine.succeed("systemctl start cuda-job.service")
+    machine.wait_until_succeeds(
+        "ls -l /proc/$(systemctl show -P MainPID cuda-job.service)/fd | grep /dev/nvidia0 >/dev/null"
+    )
+    return switch(generation)
+
+
 def unit_state(unit):
     return machine.succeed(f"systemctl show -P ActiveState {unit}").strip()
 
