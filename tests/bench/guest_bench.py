@@ -19,18 +19,22 @@ CONFIG = "/etc/nvidia-kmod-swap/config.json"
 HELPER = ["/usr/bin/nvidia-kmod-swap", "--log-target", "stderr", "--config", CONFIG]
 PACKAGES = json.loads(Path("/etc/testbed/packages.json").read_text())["packages"]
 SEED = Path("/usr/local/lib/testbed/seed-script.sh")
-BEFORE = Path("/usr/local/bin/nvidia-kmod-swap-before")  # the helper of an earlier revision (tests/bench/run --before)
-BEFORE_CONFIG = "/etc/nvidia-kmod-swap/config-before.json"
+# The helpers of earlier revisions (tests/bench/run --before, --before-swap).
+BEFORE = Path("/usr/local/bin/nvidia-kmod-swap-before")
+BEFORE_SWAP = Path("/usr/local/bin/nvidia-kmod-swap-before-swap")
 
 
-def before_config() -> None:
-    """Today's config without the keys the earlier helper does not know (it refuses unknown keys)."""
+def before_argv(launcher: Path) -> list[str]:
+    """The earlier helper with today's config minus the keys it does not know (it refuses them)."""
+    tag = launcher.name.removeprefix("nvidia-kmod-swap-")
     known = subprocess.run(
-        ["/usr/bin/python3", "-c", "import json, sys; sys.path.insert(0, '/usr/lib/nvidia-kmod-swap-before')\n"
+        ["/usr/bin/python3", "-c", f"import json, sys; sys.path.insert(0, '/usr/lib/nvidia-kmod-swap-{tag}')\n"
          "try:\n from nvidia_kmod_swap.rules import KEYS\nexcept ImportError:\n from nvidia_kmod_swap.quick import KEYS\n"
          "print(json.dumps(sorted(KEYS)))"], capture_output=True, text=True, check=True).stdout
     config = json.loads(Path(CONFIG).read_text())
-    Path(BEFORE_CONFIG).write_text(json.dumps({k: v for k, v in config.items() if k in json.loads(known)}))
+    path = f"/etc/nvidia-kmod-swap/config-{tag}.json"
+    Path(path).write_text(json.dumps({k: v for k, v in config.items() if k in json.loads(known)}))
+    return [str(launcher), "--log-target", "stderr", "--config", path]
 DRIVER = ["nvidia", "nvidia-modeset", "nvidia-uvm", "nvidia-drm"]
 NOOP_RUNS = int(os.environ.get("BENCH_NOOP_RUNS", "30"))
 SWAP_RUNS = int(os.environ.get("BENCH_SWAP_RUNS", "6"))
@@ -70,15 +74,13 @@ def noop(label: str, before_too: bool = False) -> dict:
     floor_cmd = ["/bin/sh", "-c", f'read v < /sys/module/nvidia/version && [ "$v" = "{version}" ]']
     helper, floor, seed, rss, before = [], [], [], [], []
     before_too = before_too and BEFORE.exists()
-    if before_too:
-        before_config()
+    argv = before_argv(BEFORE) if before_too else []
     for _ in range(NOOP_RUNS):
         t1, r1 = run(HELPER + ["check"])
         t2, r2 = run(HELPER + ["swap"])
         helper.append(t1 + t2)
         rss.append(max(r1, r2))
         if before_too:
-            argv = [str(BEFORE), "--log-target", "stderr", "--config", BEFORE_CONFIG]
             before.append(run(argv + ["check"])[0] + run(argv + ["swap"])[0])
         floor.append(run(floor_cmd)[0])
         if SEED.exists():
@@ -104,26 +106,35 @@ def bare_swap(to: str, names: list[str], params: str) -> None:
             sys.exit(f"bench: {node} missing after a bare swap")
 
 
-def swaps(names: list[str], gpus: int) -> dict:
-    """Full swaps old<->new by the helper vs. the same rmmod/insmod by hand; interleaved."""
+def swaps(names: list[str], gpus: int, before_too: bool = False) -> dict:
+    """Full swaps old<->new by the helper vs. the same rmmod/insmod by hand (and, BEFORE_TOO, by
+    the helper of --before-swap); interleaved."""
     params = f"gpus={gpus}" if gpus != 1 else ""
     Path("/etc/modprobe.d/bench.conf").write_text(f"options nvidia {params}\n" if params else "")
     modules = [n.replace("-", "_") for n in names]
     extra = ["--set", f"modules={json.dumps(modules)}"]
-    helper, bare, rss = [], [], []
+    helper, bare, rss, before = [], [], [], []
+    before_too = before_too and BEFORE_SWAP.exists()
     for _ in range(SWAP_RUNS):
         for target in ("new", "old"):
             switch(target, extra)
             t, r = run(HELPER + ["swap"])
             helper.append(t)
             rss.append(r)
+        if before_too:
+            for target in ("new", "old"):
+                switch(target, extra)
+                before.append(run(before_argv(BEFORE_SWAP) + ["swap"])[0])
         for target in ("new", "old"):
             start = time.perf_counter()
             bare_swap(target, names, params)
             bare.append(time.perf_counter() - start)
     count = len(list(Path("/proc/driver/nvidia/gpus").iterdir()))
     assert count == gpus, f"{count} GPUs, expected {gpus}"
-    return {"helper_ms": median_ms(helper), "bare_ms": median_ms(bare), "max_rss_kib": max(rss)}
+    result = {"helper_ms": median_ms(helper), "bare_ms": median_ms(bare), "max_rss_kib": max(rss)}
+    if before:
+        result["before_helper_ms"] = median_ms(before)
+    return result
 
 
 def slope(points: dict[int, float]) -> float:
@@ -147,11 +158,14 @@ def main() -> int:
     # Full swaps with 4 modules and 1 GPU, then the scaling runs.
     scale_swap, scale_bare, scale_noop = {}, {}, {}
     for gpus in (1, 8, 32):
-        result = swaps(DRIVER, gpus)
+        result = swaps(DRIVER, gpus, before_too=gpus == 1)
         out[f"swap_gpus_{gpus}"] = result
         scale_swap[gpus], scale_bare[gpus] = result["helper_ms"], result["bare_ms"]
         scale_noop[gpus] = noop("old")["helper_ms"]
     out["swap_ratio_vs_bare"] = round(out["swap_gpus_1"]["helper_ms"] / out["swap_gpus_1"]["bare_ms"], 2)
+    if "before_helper_ms" in out["swap_gpus_1"]:
+        out["swap_ratio_vs_before"] = round(out["swap_gpus_1"]["helper_ms"] / out["swap_gpus_1"]["before_helper_ms"], 2)
+        out["before_swap_revision"] = Path("/etc/testbed/before-swap-rev").read_text().strip()
     out["swap_ms_per_gpu"] = slope(scale_swap)
     out["bare_ms_per_gpu"] = slope(scale_bare)
     out["noop_ms_per_gpu"] = slope(scale_noop)
@@ -163,6 +177,7 @@ def main() -> int:
     out["targets"] = {
         "noop <= 2x floor": out["noop_ratio_vs_floor"] <= 2,
         "noop no slower than before": out["noop_ratio_vs_before"] <= 1.0 if "noop_ratio_vs_before" in out else None,
+        "swap no slower than before": out["swap_ratio_vs_before"] <= 1.0 if "swap_ratio_vs_before" in out else None,
         "noop <= 0.5x seed script": out.get("noop_ratio_vs_seed_script", 0) <= 0.5 if "noop_ratio_vs_seed_script" in out else None,
         "swap <= 1.2x bare": out["swap_ratio_vs_bare"] <= 1.2,
         "per-GPU growth <= bare's": out["swap_ms_per_gpu"] <= max(out["bare_ms_per_gpu"], 0) + 1,
