@@ -18,6 +18,7 @@ from .rules import (
     DEFERRED_RECORD,
     FIRMWARE_PATH,
     STATE_FILE,
+    TYPE_CHECKING,
     ConfigError,
     driver_closure,
     driver_record,
@@ -25,6 +26,9 @@ from .rules import (
     stale,
     validate,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = ["STATE_FILE", "try_noop"]
 
@@ -94,13 +98,13 @@ def try_noop(argv: list[str]) -> int | None:
         versions[name] = None if loaded is None else loaded.strip()
     if versions[CORE] != version or stale(version, versions):
         return None
-    _note_driver(path(state_dir), version, _read(path(FIRMWARE_PATH)), config.get("verify_command"))
+    _note_driver(path(state_dir), version, lambda: _read(path(FIRMWARE_PATH)), config.get("verify_command"))
     if args["command"] == "swap":
         _report(f"loaded NVIDIA driver {version} matches the system profile", version, args["log_target"])
     return 0
 
 
-def _note_driver(state_dir: str, version: str, firmware_path: str | None, verify: object) -> None:
+def _note_driver(state_dir: str, version: str, read_firmware_path: Callable[[], str | None], verify: object) -> None:
     """driver-<version>.json: the loaded driver's firmware path and verify command, as its own
     generation set them (at boot, or after our swap), for a later rollback to it. Written once per
     driver and boot: one stat on every other start."""
@@ -110,6 +114,7 @@ def _note_driver(state_dir: str, version: str, firmware_path: str | None, verify
     record = os.path.join(state_dir, name)
     if os.path.lexists(record):
         return
+    firmware_path = read_firmware_path()  # only now: a sysfs read is not for every start
     data = {"format": 2, "driver_version": version,
             "firmware_path": None if firmware_path is None else firmware_path.strip(),
             "verify_command": list(verify) if isinstance(verify, (list, tuple)) else None}
