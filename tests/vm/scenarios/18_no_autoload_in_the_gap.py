@@ -26,7 +26,15 @@ def test(machine, bed):
     # The bed is as hostile as a real host: the alias resolves to the booted driver.
     assert machine.succeed("modprobe --resolve-alias char-major-195-255").split() == ["nvidia"]
     machine.succeed("cat > /run/opener.py <<'EOF'\n" + OPENER + "\nEOF")
-    machine.succeed("systemd-run --unit=nvml-opener.service /usr/bin/python3 /run/opener.py")
+    # The kernel's module autoloader runs /proc/sys/kernel/modprobe: a wrapper that notes each call
+    # and execs the real modprobe (which reads the helper's block, if any) shows what it tried.
+    machine.succeed("printf '#!/bin/sh\\necho \"$*\" >> /run/kernel-modprobe.log\\nexec /sbin/modprobe \"$@\"\\n' "
+                    "> /run/modprobe-logger && chmod +x /run/modprobe-logger "
+                    "&& echo /run/modprobe-logger > /proc/sys/kernel/modprobe")
+    # Real-time priority: on the guest's one vCPU it preempts the helper every 20 ms, so it opens
+    # during the gap however short.
+    machine.succeed("systemd-run --unit=nvml-opener.service -p CPUSchedulingPolicy=fifo -p CPUSchedulingPriority=50 "
+                    "/usr/bin/python3 /run/opener.py")
     machine.wait_for_unit("nvml-opener.service")
     loading = "dmesg | grep -c 'NVRM: loading NVIDIA UNIX x86_64 Kernel Module  {}' || true"
     assert machine.succeed(loading.format(old)).strip() == "1"  # at boot
@@ -39,10 +47,12 @@ def test(machine, bed):
     kernel_log = machine.dmesg()
     assert machine.succeed(loading.format(old)).strip() == "1", kernel_log[-3000:]
     assert machine.succeed(loading.format(new)).strip() == "1", kernel_log[-3000:]
-    # The client did open in the gap, and was told there is no device ...
-    fails = machine.succeed("cat /run/opener.fails")
-    assert "ENXIO" in fails or "ENODEV" in fails, fails
-    # ... and is still running; the block is gone: modprobe's config has no `install nvidia` left.
+    # The client did open in the gap: the kernel asked modprobe for the char major's alias, and the
+    # old driver did not come back (an open then blocks in request_module, and either fails or,
+    # when the new driver is loaded meanwhile, succeeds against it) ...
+    calls = machine.succeed("cat /run/kernel-modprobe.log")
+    assert "char-major-195-" in calls, calls
+    # ... and it is still running; the block is gone: modprobe's config has no `install nvidia` left.
     assert machine.unit_property("nvml-opener.service", "ActiveState") == "active"
     machine.succeed("test ! -e /run/modprobe.d/nvidia-kmod-swap.conf")
     machine.fail("modprobe --showconfig | grep -q '^install nvidia '")
