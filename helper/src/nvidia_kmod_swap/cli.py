@@ -130,12 +130,7 @@ def _check(root: Root, config: Config, reporter: Reporter) -> int:
         reporter.event("refused", f"refused: {e}", "err", reason=str(e))
         return 255
     if plan.action == DEFER:
-        state = StateDir(root(config.state_dir))
-        try:
-            state.ensure()
-        except StateError:
-            pass  # record_deferral is best effort
-        record = record_deferral(state, plan)
+        record = record_deferral(StateDir(root(config.state_dir)), plan)
         retry = " (retried when the GPU is idle)" if plan.waits_for == "idle" else ""
         reporter.event("deferred", f"deferred, not starting{retry}: {plan.reason}", "warning", reason=plan.reason,
                        holder_pids=[h.pid for h in plan.holders], holder_units=[h.unit for h in plan.holders if h.unit],

@@ -5,6 +5,7 @@ systemd units they belong to."""
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 from .paths import Root
@@ -57,6 +58,16 @@ def unit_of(cgroup_text: str) -> str | None:
             if part.endswith((".service", ".scope")):
                 return part
     return None
+
+
+def wait_until_released(root: Root, timeout: float, poll: float) -> bool:
+    """Waits up to TIMEOUT seconds for no process to hold the GPU; whether none does."""
+    deadline = time.monotonic() + timeout
+    while find_holders(root):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll)
+    return True
 
 
 def find_holders(root: Root) -> list[Holder]:

@@ -22,6 +22,7 @@ from .rules import (
     ConfigError,
     driver_closure,
     driver_record,
+    driver_record_json,
     parse_proc_modules,
     stale,
     validate,
@@ -115,9 +116,8 @@ def _note_driver(state_dir: str, version: str, read_firmware_path: Callable[[], 
     if os.path.lexists(record):
         return
     firmware_path = read_firmware_path()  # only now: a sysfs read is not for every start
-    data = {"format": 2, "driver_version": version,
-            "firmware_path": None if firmware_path is None else firmware_path.strip(),
-            "verify_command": list(verify) if isinstance(verify, (list, tuple)) else None}
+    data = driver_record_json(version, None if firmware_path is None else firmware_path.strip(),
+                              verify if isinstance(verify, (list, tuple)) else None)
     try:
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
         tmp = record + ".tmp"

@@ -25,22 +25,28 @@ AUTOLOAD_BLOCK = "/run/modprobe.d/nvidia-kmod-swap.conf"
 # Where the kernel's firmware loader looks first; NixOS activation points it at the generation's
 # hardware.firmware. The driver loads its GSP firmware from nvidia/<its version>/ there.
 FIRMWARE_PATH = "/sys/module/firmware_class/parameters/path"
-# A driver's own firmware path and verify command (driver-<version>.json, in the state dir),
-# noted while its generation is the current one: a rollback to it needs both. Named by version, so
-# that the no-op path tells "noted already" by one stat.
-
-
-def driver_record(version: str) -> str | None:
-    """The record's file name for VERSION, or None for a version that cannot be a file name."""
-    if not version or "/" in version or version.startswith(".") or "\0" in version:
-        return None
-    return f"driver-{version}.json"
 DEFAULT_STATE_DIR = "/run/nvidia-kmod-swap"
 DEFAULT_MODULES = ("nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm")
 ON_BUSY = ("defer", "fail", "stop-units")
 ON_KERNEL_CHANGE = ("defer", "fail")
 REQUIRED = ("driver_version", "kernel_release", "module_dirs")
 CORE = "nvidia"  # the module every other driver module depends on
+
+
+# A driver's own firmware path and verify command (driver-<version>.json, in the state dir),
+# noted while its generation is the current one: a rollback to it needs both. Named by version, so
+# that the no-op path tells "noted already" by one stat; written by quick.py and state.py alike.
+def driver_record(version: str) -> str | None:
+    """The record's file name for VERSION, or None for a version that cannot be a file name."""
+    if not version or "/" in version or version.startswith(".") or "\0" in version:
+        return None
+    return f"driver-{version}.json"
+
+
+def driver_record_json(version: str, firmware_path: str | None, verify_command: Iterable[str] | None) -> dict[str, Any]:
+    """The record's contents (state.py's format 2), for quick.py's note and state.DriverRecord."""
+    return {"format": 2, "driver_version": version, "firmware_path": firmware_path,
+            "verify_command": list(verify_command) if verify_command else None}
 
 
 class ConfigError(Exception):

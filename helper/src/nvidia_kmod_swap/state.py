@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .plan import LoadStep
-from .rules import DEFERRED_RECORD, STATE_FILE, driver_record
+from .rules import DEFERRED_RECORD, STATE_FILE, driver_record, driver_record_json
 
 FORMAT = 2
 LOADED_RECORD = "loaded.json"
@@ -73,8 +73,7 @@ class DriverRecord:
     verify_command: tuple[str, ...] | None
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT, "driver_version": self.driver_version, "firmware_path": self.firmware_path,
-                "verify_command": list(self.verify_command) if self.verify_command else None}
+        return driver_record_json(self.driver_version, self.firmware_path, self.verify_command)
 
 
 @dataclass

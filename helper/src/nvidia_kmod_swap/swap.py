@@ -25,7 +25,7 @@ from . import devices
 from .config import Config
 from .effects import EffectError, Effects, KmodError
 from .facts import make_plan
-from .holders import find_holders
+from .holders import wait_until_released
 from .journal import Reporter
 from .paths import Root
 from .plan import DEFER, NONE, REFUSE, LoadStep, Plan, allowed, plan_restore, q, restore_problems
@@ -73,13 +73,8 @@ def plan_after_grace(root: Root, config: Config, plan: Plan, retry: bool = False
     """A plan that processes' holds stand in the way of, made again once they are gone or after
     config.busy_grace_s: NVML, nvidia-smi or a CDI generator open /dev/nvidiactl for a moment, and
     such a moment between `check` and `swap` must not fail or defer the unit."""
-    if not plan.holders or config.busy_grace_s <= 0:
+    if not plan.holders or config.busy_grace_s <= 0 or not wait_until_released(root, config.busy_grace_s, 0.1):
         return plan
-    deadline = time.monotonic() + config.busy_grace_s
-    while find_holders(root):
-        if time.monotonic() >= deadline:
-            return plan
-        time.sleep(0.1)
     return make_plan(root, config, retry=retry)
 
 
@@ -88,6 +83,7 @@ def record_deferral(state: StateDir, plan: Plan) -> DeferredRecord | None:
     record = DeferredRecord(plan.expected_version, plan.loaded_version, plan.waits_for or "idle", plan.reason,
                             tuple(h.pid for h in plan.holders), tuple(sorted({h.unit for h in plan.holders if h.unit})))
     try:
+        state.ensure()
         return state.record_deferral(record)
     except (OSError, StateError):
         return None
@@ -278,9 +274,7 @@ class Swapper:
             self.effects.systemctl(["stop", unit])
         # A stopped unit's processes may take a moment to close the device: wait a bounded time,
         # looking only at who holds it, then plan once.
-        deadline = time.monotonic() + self.config.settle_timeout_s
-        while find_holders(self.root) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until_released(self.root, self.config.settle_timeout_s, 0.2)
         replanned = make_plan(self.root, self.config, retry=self.retry)
         if replanned.stop_units or replanned.holders:
             return Plan(DEFER, f"the GPU is still in use after stopping {', '.join(swap.stopped_units)}: "
