@@ -19,9 +19,13 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nvidia_kmod_swap.cli import main  # noqa: E402
+from nvidia_kmod_swap.config import Config, parse  # noqa: E402
 from nvidia_kmod_swap.effects import KmodError, SystemEffects  # noqa: E402
+from nvidia_kmod_swap.journal import Reporter  # noqa: E402
 from nvidia_kmod_swap.modinfo import read_modinfo  # noqa: E402
 from nvidia_kmod_swap.paths import Root  # noqa: E402
+from nvidia_kmod_swap.swap import Swapper  # noqa: E402
 
 RELEASE = "6.1.0-56-amd64"
 OLD, NEW = "570.124.04", "570.133.07"
@@ -439,3 +443,19 @@ def make_config(store: Path, module_dirs: list[Path], rollback_dirs: list[Path] 
 def write_config(path: Path, config: dict) -> Path:
     path.write_text(json.dumps(config))
     return path
+
+
+def config_for(store: Path, trees: tuple[Path, Path], **overrides) -> Config:
+    """The parsed config of a swap from TREES[0] (the rollback tree) to TREES[1]."""
+    return parse(make_config(store, [trees[1]], [trees[0]], **overrides))
+
+
+def swapper(system: FakeSystem, config: Config, effects: FakeEffects | None = None, **kw) -> Swapper:
+    return Swapper(system.root, config, effects or FakeEffects(system), Reporter("stderr"), **kw)
+
+
+def cli(system: FakeSystem, store: Path, trees: tuple[Path, Path], tmp_path: Path, *args: str,
+        effects: FakeEffects | None = None, **overrides) -> int:
+    """The CLI over SYSTEM with the config of config_for, written to TMP_PATH."""
+    path = write_config(tmp_path / "config.json", make_config(store, [trees[1]], [trees[0]], **overrides))
+    return main(["--root", str(system.base), "--config", str(path), "--log-target", "stderr", *args], effects=effects)

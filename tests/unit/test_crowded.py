@@ -9,13 +9,11 @@ import time
 
 import pytest
 
-from fakesys import NEW, OLD, FakeEffects, make_config, write_config, write_driver
-from nvidia_kmod_swap.cli import main
-from nvidia_kmod_swap.config import ConfigError, parse
+from fakesys import NEW, OLD, FakeEffects, cli, config_for, make_config, swapper, write_config, write_driver
+from nvidia_kmod_swap.config import ConfigError
 from nvidia_kmod_swap.facts import make_plan
-from nvidia_kmod_swap.journal import Reporter
 from nvidia_kmod_swap.quick import try_noop
-from nvidia_kmod_swap.swap import EXIT_DEFERRED, EXIT_OK, EXIT_ROLLED_BACK, Swapper
+from nvidia_kmod_swap.swap import EXIT_DEFERRED, EXIT_OK, EXIT_ROLLED_BACK
 
 FULL = {"nvidia": NEW, "nvidia_drm": NEW, "nvidia_modeset": NEW, "nvidia_uvm": NEW}
 BEFORE = {"nvidia": OLD, "nvidia_drm": OLD, "nvidia_modeset": OLD, "nvidia_uvm": OLD}
@@ -24,20 +22,6 @@ BEFORE = {"nvidia": OLD, "nvidia_drm": OLD, "nvidia_modeset": OLD, "nvidia_uvm":
 @pytest.fixture
 def trees(store):
     return write_driver(store, OLD), write_driver(store, NEW)
-
-
-def config_for(store, trees, **overrides):
-    return parse(make_config(store, [trees[1]], [trees[0]], **overrides))
-
-
-def swapper(system, config, effects):
-    return Swapper(system.root, config, effects, Reporter("stderr"))
-
-
-def cli(system, store, trees, tmp_path, *args, effects=None, **overrides):
-    path = write_config(tmp_path / "config.json", make_config(store, [trees[1]], [trees[0]], **overrides))
-    argv = ["--root", str(system.base), "--config", str(path), "--log-target", "stderr", *args]
-    return main(argv, effects=effects)
 
 
 # -- 2. DRM clients --------------------------------------------------------------------------------

@@ -11,11 +11,10 @@ import os
 
 import pytest
 
-from fakesys import NEW, OLD, FakeEffects, make_config, write_config, write_driver
+from fakesys import NEW, OLD, FakeEffects, config_for, make_config, swapper, write_config, write_driver
 from nvidia_kmod_swap.config import parse
-from nvidia_kmod_swap.journal import Reporter
 from nvidia_kmod_swap.quick import try_noop
-from nvidia_kmod_swap.swap import EXIT_OK, EXIT_ROLLBACK_FAILED, EXIT_ROLLED_BACK, Swapper
+from nvidia_kmod_swap.swap import EXIT_OK, EXIT_ROLLBACK_FAILED, EXIT_ROLLED_BACK
 
 
 def firmware(store, version):
@@ -65,7 +64,7 @@ def boot_noop(system, tmp_path, store, trees, fw, smi):
 def switched(system, store, trees, fw, smi, **overrides):
     system.firmware_path = fw[NEW]  # activation of the new generation
     system.sync()
-    return parse(make_config(store, [trees[1]], [trees[0]], verify_command=smi[NEW], firmware_path=fw[NEW], **overrides))
+    return config_for(store, trees, verify_command=smi[NEW], firmware_path=fw[NEW], **overrides)
 
 
 def test_the_no_op_path_notes_the_loaded_drivers_firmware_and_verify_command(bed, tmp_path):
@@ -80,7 +79,7 @@ def test_a_rollback_loads_the_old_driver_with_its_own_firmware_and_checks_it(bed
     boot_noop(system, tmp_path, store, trees, fw, smi)
     config = switched(system, store, trees, fw, smi)
     effects = FakeEffects(system, always_fail={("load", str(trees[1] / "misc/nvidia-uvm.ko")): 19})
-    assert Swapper(system.root, config, effects, Reporter("stderr")).run() == EXIT_ROLLED_BACK
+    assert swapper(system, config, effects).run() == EXIT_ROLLED_BACK
     assert system.versions()["nvidia"] == OLD
     assert system.firmware_path == fw[OLD], "the old driver would initialise its GPUs from the new firmware"
     # the old driver works: its own nvidia-smi says so
@@ -94,7 +93,7 @@ def test_a_rolled_back_driver_that_does_not_work_is_not_called_rolled_back(bed, 
     os.remove(f"{fw[OLD]}/nvidia/{OLD}/gsp_ga10x.bin")
     config = switched(system, store, trees, fw, smi)
     effects = FakeEffects(system, always_fail={("load", str(trees[1] / "misc/nvidia-uvm.ko")): 19})
-    assert Swapper(system.root, config, effects, Reporter("stderr")).run() == EXIT_ROLLBACK_FAILED
+    assert swapper(system, config, effects).run() == EXIT_ROLLBACK_FAILED
 
 
 def test_a_swap_points_the_firmware_loader_at_the_new_generation_when_activation_has_not(bed, tmp_path):
@@ -102,7 +101,7 @@ def test_a_swap_points_the_firmware_loader_at_the_new_generation_when_activation
     would initialise its GPUs from the old firmware path and fail."""
     system, store, trees, fw, smi = bed
     config = parse(make_config(store, [trees[1]], [trees[0]], verify_command=smi[NEW], firmware_path=fw[NEW]))
-    assert Swapper(system.root, config, FakeEffects(system), Reporter("stderr")).run() == EXIT_OK
+    assert swapper(system, config).run() == EXIT_OK
     assert system.firmware_path == fw[NEW] and system.versions()["nvidia"] == NEW
     record = json.loads((system.root("/run/nvidia-kmod-swap") / f"driver-{NEW}.json").read_text())
     assert record["driver_version"] == NEW and record["firmware_path"] == fw[NEW]
@@ -124,10 +123,10 @@ def test_crash_recovery_rolls_back_with_the_old_firmware_too(bed, tmp_path):
     boot_noop(system, tmp_path, store, trees, fw, smi)
     config = switched(system, store, trees, fw, smi)
     with pytest.raises(Crash):  # calls: 4 unloads, then the loads; die at the second load
-        Swapper(system.root, config, FakeEffects(system, crash_at_call=5), Reporter("stderr")).run()
+        swapper(system, config, FakeEffects(system, crash_at_call=5)).run()
     assert system.versions().get("nvidia") == NEW and "nvidia_uvm" not in system.modules
     # the profile is rolled back meanwhile (deploy-rs): only the broken new uvm stays unloadable
     broken = FakeEffects(system, always_fail={("load", str(trees[1] / "misc/nvidia-uvm.ko")): 19})
-    assert Swapper(system.root, config, broken, Reporter("stderr")).run() == EXIT_ROLLED_BACK
+    assert swapper(system, config, broken).run() == EXIT_ROLLED_BACK
     assert system.versions()["nvidia"] == OLD
     assert system.firmware_path == fw[OLD]

@@ -10,9 +10,8 @@ import time
 
 import pytest
 
-from fakesys import NEW, OLD, Crash, FakeEffects, make_config, write_driver
+from fakesys import NEW, OLD, Crash, FakeEffects, make_config, swapper, write_driver
 from nvidia_kmod_swap.config import parse
-from nvidia_kmod_swap.journal import Reporter
 from nvidia_kmod_swap.swap import (
     EXIT_DEFERRED,
     EXIT_OK,
@@ -33,10 +32,6 @@ def setup(system, store):
     system.load_driver(OLD)
     config = parse(make_config(store, [new_dir], [old_dir]))
     return system, config
-
-
-def swapper(system, config, effects=None, **kw):
-    return Swapper(system.root, config, effects or FakeEffects(system), Reporter("stderr"), **kw)
 
 
 def state_file(system, config):
