@@ -442,6 +442,16 @@ class Bed:
         args.append("--helper" if helper else "--no-helper")
         self.machine.succeed("switch-driver " + " ".join(shlex.quote(a) for a in args))
 
+    def hold_gpu(self, unit: str = "cuda-job.service", path: str = "/dev/nvidia0") -> str:
+        """A transient unit that keeps PATH open, as a CUDA job does; its pid once it holds it."""
+        self.machine.succeed(f"systemd-run --unit={unit} /bin/bash -c 'exec 3<>{path}; exec sleep infinity'")
+        return self.wait_holding(unit, path)
+
+    def wait_holding(self, unit: str, path: str) -> str:
+        """Waits until UNIT's main process has PATH open (the kernel's /proc/<pid>/fd); its pid."""
+        self.machine.wait_until_succeeds(f"ls -l /proc/$(systemctl show -P MainPID {unit})/fd | grep -q {path}")
+        return self.machine.unit_property(unit, "MainPID")
+
     def unit_state(self, unit: str = "nvidia-persistenced.service") -> str:
         return self.machine.unit_property(unit, "ActiveState")
 

@@ -7,9 +7,7 @@ BOOT = {"driver": "old"}
 def test(machine, bed):
     old = bed.packages["old"]["version"]
     machine.wait_for_unit("nvidia-persistenced.service")
-    machine.succeed("systemd-run --unit=cuda-job.service /bin/bash -c 'exec 3<>/dev/nvidia0; exec sleep infinity'")
-    machine.wait_until_succeeds("ls -l /proc/$(systemctl show -P MainPID cuda-job.service)/fd | grep -q /dev/nvidia0")
-    pid = machine.unit_property("cuda-job.service", "MainPID")
+    pid = bed.hold_gpu()
     before = machine.module_addresses()
     bed.switch_driver("new")
     bed.restart_persistenced()

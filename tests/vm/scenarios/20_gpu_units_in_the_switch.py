@@ -27,8 +27,7 @@ def test(machine, bed):
     assert "API mismatch" not in machine.dmesg()
 
     # The GPU busy: the next bump is deferred; every unit is skipped by its condition, none failed.
-    machine.succeed("systemd-run --unit=cuda-job.service /bin/bash -c 'exec 3<>/dev/nvidia0; exec sleep infinity'")
-    machine.wait_until_succeeds("ls -l /proc/$(systemctl show -P MainPID cuda-job.service)/fd | grep -q /dev/nvidia0")
+    bed.hold_gpu()
     bed.switch_driver("new-b")
     rc, out = machine.execute("systemctl restart nvidia-persistenced.service " + " ".join(UNITS), timeout=180)
     assert rc == 0, out

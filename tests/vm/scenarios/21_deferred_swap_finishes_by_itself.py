@@ -12,8 +12,7 @@ UNITS = ["gpu-cdi-generator.service", "gpu-power-limit.service"]
 def test(machine, bed):
     old, new = bed.packages["old"]["version"], bed.packages["new"]["version"]
     machine.wait_for_unit("nvidia-persistenced.service")
-    machine.succeed("systemd-run --unit=cuda-job.service /bin/bash -c 'exec 3<>/dev/nvidia0; exec sleep infinity'")
-    machine.wait_until_succeeds("ls -l /proc/$(systemctl show -P MainPID cuda-job.service)/fd | grep -q /dev/nvidia0")
+    bed.hold_gpu()
     bed.switch_driver("new")
     rc, out = machine.execute("systemctl restart nvidia-persistenced.service " + " ".join(UNITS), timeout=180)
     assert rc == 0, out

@@ -14,11 +14,6 @@ ExecStart=/bin/bash -c 'exec 3<>/dev/dri/card0; exec sleep infinity'
 """
 
 
-def holder_pid(machine):
-    machine.wait_until_succeeds("ls -l /proc/$(systemctl show -P MainPID display-manager.service)/fd | grep -q /dev/dri/card0")
-    return machine.unit_property("display-manager.service", "MainPID")
-
-
 def test(machine, bed):
     new = bed.packages["new"]["version"]
     machine.wait_for_unit("nvidia-persistenced.service")
@@ -26,7 +21,7 @@ def test(machine, bed):
     assert machine.succeed("basename $(readlink /sys/class/drm/card0/device/driver/module)").strip() == "nvidia_drm"
     machine.succeed("cat > /run/systemd/system/display-manager.service <<'EOF'\n" + UNIT + "EOF\n"
                     "systemctl daemon-reload && systemctl start display-manager.service")
-    pid = holder_pid(machine)
+    pid = bed.wait_holding("display-manager.service", "/dev/dri/card0")
     machine.fail(f"ls -l /proc/{pid}/fd | grep -q /dev/nvidia")  # no /dev/nvidia* at all
     assert int(machine.succeed("cat /sys/module/nvidia_drm/refcnt")) >= 1
 
@@ -45,6 +40,6 @@ def test(machine, bed):
     assert all(versions[m] == new for m in ("nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm")), versions
     assert machine.succeed("cat /sys/module/nvidia_drm/parameters/modeset").strip() == "Y"
     machine.wait_for_unit("display-manager.service")
-    new_pid = holder_pid(machine)
+    new_pid = bed.wait_holding("display-manager.service", "/dev/dri/card0")
     assert new_pid != pid
     assert f"nvidia-drm: loaded {new} against nvidia {new} (modeset=1: DRM device registered)" in machine.dmesg()
