@@ -65,6 +65,10 @@ let
       "enable"
     ]) "nvidia-fabricmanager";
   gpuUnits = lib.unique (nvidiaUnits ++ cfg.gpuUnits);
+  # genAttrs below would make a unit of a misspelt name, with nothing to run: an assertion says so.
+  undefinedGpuUnits = lib.filter (
+    u: !((config.systemd.services.${u}.serviceConfig or { }) ? ExecStart)
+  ) cfg.gpuUnits;
 
   # What one start of the swap unit may take at most (swap.py): the lock, a momentary holder in
   # `check` and in `swap`, stopping units (settle), an unload refused for a moment, the device nodes
@@ -272,17 +276,10 @@ in
             '';
           }
           {
-            # genAttrs above would otherwise make a unit of a misspelt name, with nothing to run.
-            assertion = lib.all (
-              u: (config.systemd.services.${u}.serviceConfig or { }) ? ExecStart
-            ) cfg.gpuUnits;
+            assertion = undefinedGpuUnits == [ ];
             message = ''
               services.nvidiaKmodSwap.gpuUnits names units that are not defined (no ExecStart):
-              ${
-                lib.concatStringsSep ", " (
-                  lib.filter (u: !((config.systemd.services.${u}.serviceConfig or { }) ? ExecStart)) cfg.gpuUnits
-                )
-              }. Give service names without ".service".
+              ${lib.concatStringsSep ", " undefinedGpuUnits}. Give service names without ".service".
             '';
           }
           {
