@@ -120,7 +120,7 @@ def _check(root: Root, config: Config, reporter: Reporter) -> int:
     from .facts import make_plan
     from .plan import DEFER, REFUSE
     from .state import StateDir, StateError
-    from .swap import plan_after_grace, record_deferral
+    from .swap import defer, plan_after_grace
 
     if _pending(root, config):
         return 0  # an interrupted swap: `swap` recovers it first
@@ -130,12 +130,9 @@ def _check(root: Root, config: Config, reporter: Reporter) -> int:
         reporter.event("refused", f"refused: {e}", "err", reason=str(e))
         return 255
     if plan.action == DEFER:
-        record = record_deferral(StateDir(root(config.state_dir)), plan)
         retry = " (retried when the GPU is idle)" if plan.waits_for == "idle" else ""
-        reporter.event("deferred", f"deferred, not starting{retry}: {plan.reason}", "warning", reason=plan.reason,
-                       holder_pids=[h.pid for h in plan.holders], holder_units=[h.unit for h in plan.holders if h.unit],
-                       loaded_version=plan.loaded_version, expected_version=plan.expected_version,
-                       waits_for=plan.waits_for, deferred_since=record.since if record else None)
+        defer(reporter, StateDir(root(config.state_dir)), plan, f"deferred, not starting{retry}: {plan.reason}",
+              loaded_version=plan.loaded_version, expected_version=plan.expected_version)
         return 1
     if plan.action == REFUSE:
         reporter.event("refused", f"refused: {plan.reason}", "err", reason=plan.reason,

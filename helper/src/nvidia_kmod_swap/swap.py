@@ -52,7 +52,7 @@ FAILPOINT_ENV = "NVIDIA_KMOD_SWAP_KILL_AT_STEP"
 VERIFY_TIMEOUT_S = 60.0
 
 __all__ = ["EXIT_DEFERRED", "EXIT_OK", "EXIT_REFUSED", "EXIT_ROLLBACK_FAILED", "EXIT_ROLLED_BACK", "STATE_FILE",
-           "SwapFailed", "Swapper", "Terminated", "plan_after_grace", "record_deferral"]
+           "SwapFailed", "Swapper", "Terminated", "defer", "plan_after_grace"]
 
 
 class SwapFailed(Exception):
@@ -78,15 +78,20 @@ def plan_after_grace(root: Root, config: Config, plan: Plan, retry: bool = False
     return make_plan(root, config, retry=retry)
 
 
-def record_deferral(state: StateDir, plan: Plan) -> DeferredRecord | None:
-    """Writes the deferred record (best effort: a deferral must not fail on its bookkeeping)."""
+def defer(reporter: Reporter, state: StateDir, plan: Plan, message: str, **fields: object) -> None:
+    """A deferral, from `check` or from `swap`: recorded in the state dir for `retry-deferred` and
+    `status` (best effort: a deferral must not fail on its bookkeeping), and reported."""
     record = DeferredRecord(plan.expected_version, plan.loaded_version, plan.waits_for or "idle", plan.reason,
                             tuple(h.pid for h in plan.holders), tuple(sorted({h.unit for h in plan.holders if h.unit})))
+    since: float | None
     try:
         state.ensure()
-        return state.record_deferral(record)
+        since = state.record_deferral(record).since
     except (OSError, StateError):
-        return None
+        since = None
+    reporter.event("deferred", message, "warning", reason=plan.reason, holder_pids=[h.pid for h in plan.holders],
+                   holder_units=[h.unit for h in plan.holders if h.unit], waits_for=plan.waits_for,
+                   deferred_since=since, **fields)
 
 
 def describe_loaded(snapshot: Snapshot, names: Iterable[str]) -> str:
@@ -219,10 +224,7 @@ class Swapper:
             self.reporter.event("noop", plan.reason, **fields)
             return EXIT_OK
         if plan.action == DEFER:
-            record_deferral(self.state, plan)
-            self.reporter.event("deferred", f"deferred: {plan.reason}", "warning", reason=plan.reason,
-                                holder_pids=[h.pid for h in plan.holders], holder_units=[h.unit for h in plan.holders if h.unit],
-                                waits_for=plan.waits_for, **fields)
+            defer(self.reporter, self.state, plan, f"deferred: {plan.reason}", **fields)
             return EXIT_DEFERRED
         problem = self._preflight()
         if plan.action == REFUSE or problem:
