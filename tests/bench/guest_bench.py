@@ -7,6 +7,7 @@ hold whatever the speed of the (emulated) machine.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -24,16 +25,23 @@ BEFORE = Path("/usr/local/bin/nvidia-kmod-swap-before")
 BEFORE_SWAP = Path("/usr/local/bin/nvidia-kmod-swap-before-swap")
 
 
-def before_argv(launcher: Path) -> list[str]:
-    """The earlier helper with today's config minus the keys it does not know (it refuses them)."""
-    tag = launcher.name.removeprefix("nvidia-kmod-swap-")
-    known = subprocess.run(
+@functools.cache
+def known_keys(tag: str) -> frozenset[str]:
+    """The config keys the helper installed under TAG knows (asked once per run)."""
+    out = subprocess.run(
         ["/usr/bin/python3", "-c", f"import json, sys; sys.path.insert(0, '/usr/lib/nvidia-kmod-swap-{tag}')\n"
          "try:\n from nvidia_kmod_swap.rules import KEYS\nexcept ImportError:\n from nvidia_kmod_swap.quick import KEYS\n"
          "print(json.dumps(sorted(KEYS)))"], capture_output=True, text=True, check=True).stdout
+    return frozenset(json.loads(out))
+
+
+def before_argv(launcher: Path) -> list[str]:
+    """The earlier helper with today's config (rewritten by each switch) minus the keys it does not
+    know (it refuses them)."""
+    tag = launcher.name.removeprefix("nvidia-kmod-swap-")
     config = json.loads(Path(CONFIG).read_text())
     path = f"/etc/nvidia-kmod-swap/config-{tag}.json"
-    Path(path).write_text(json.dumps({k: v for k, v in config.items() if k in json.loads(known)}))
+    Path(path).write_text(json.dumps({k: v for k, v in config.items() if k in known_keys(tag)}))
     return [str(launcher), "--log-target", "stderr", "--config", path]
 DRIVER = ["nvidia", "nvidia-modeset", "nvidia-uvm", "nvidia-drm"]
 NOOP_RUNS = int(os.environ.get("BENCH_NOOP_RUNS", "30"))
