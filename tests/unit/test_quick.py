@@ -59,7 +59,64 @@ def test_imports_nothing_heavy(current):
     system, config = current
     code = (f"import sys; from nvidia_kmod_swap.cli import main; rc = main({args(system, config, 'swap')!r}); "
             "heavy = [m for m in ('argparse', 'dataclasses', 'nvidia_kmod_swap.plan', 'nvidia_kmod_swap.swap', "
-            "'systemd', 'pyudev', 'zstandard', 'packaging', 'typing', 'datetime') if m in sys.modules]; print(rc, heavy)")
+            "'systemd', 'pyudev', 'zstandard', 'packaging', 'typing', 'datetime', 'json', 're', 'enum', 'socket') if m in sys.modules]; print(rc, heavy)")
     # -S: no site-packages hooks (an editable install's finder imports typing), as a packaged helper runs
+    first = subprocess.run([sys.executable, "-S", "-c", code], env={"PYTHONPATH": SRC}, capture_output=True, text=True, check=True)
+    assert first.stdout.strip() == "0 ['json', 're', 'enum']", first  # json writes driver-<version>.json, once
     out = subprocess.run([sys.executable, "-S", "-c", code], env={"PYTHONPATH": SRC}, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "0 []", out
+
+
+# Documents json.loads takes, refuses, or takes in its own way (CPython Lib/json/decoder.py:
+# only " \t\n\r" around the document, NaN/Infinity as floats, the last of duplicate keys, control
+# characters refused in strings): rules.loads_json must give the same value or the same error.
+JSON_DOCUMENTS = [
+    '{"driver_version": "580.95.05", "module_dirs": ["/nix/store/x"]}',
+    ' \t\n\r{"a": 1}\r\n\t ', "[]", '"text"', "0", "-0.0", "1e400", "123456789012345678901234567890",
+    "NaN", "Infinity", "-Infinity", "nan", "true", "null", '{"a": 1, "a": 2}', '{"a": "\\ud800"}',
+    '{"a": "\udcff"}', '{"a": "\\u00e9\\n"}', "", " ", "{", '{"a": 1} x', '{"a": 1}{}', '{"a": 1}\x0b',
+    "\x0c{}", "\ufeff{}", '{"a": "tab\there"}', '{"a": 01}', '{"a": .5}', "{'a': 1}", '{"a": [1, 2,]}',
+    '{"a": "\\x41"}', "[" * 100_000 + "]" * 100_000, '{"a": 1}\u00a0',
+]
+
+
+def _outcome(loads, text):
+    try:
+        return "value", json.dumps(loads(text), sort_keys=True, ensure_ascii=True, default=repr)
+    except (ValueError, RecursionError) as e:
+        return type(e).__name__, str(e)
+
+
+@pytest.mark.parametrize("text", JSON_DOCUMENTS, ids=range(len(JSON_DOCUMENTS)))
+def test_config_decoder_is_json_loads(text):
+    from nvidia_kmod_swap.rules import loads_json
+
+    assert _outcome(loads_json, text) == _outcome(json.loads, text)
+
+
+def test_config_decoder_without_the_c_scanner(monkeypatch):
+    """A Python without _json (PyPy, a stripped build): json.loads itself, same values."""
+    from nvidia_kmod_swap.rules import loads_json
+
+    monkeypatch.setitem(sys.modules, "_json", None)
+    for text in JSON_DOCUMENTS[:6] + ["{", "[1] 2"]:
+        assert _outcome(loads_json, text) == _outcome(json.loads, text)
+
+
+def test_journal_entry_imports_nothing_heavy(tmp_path):
+    """The no-op path's journal entry on a machine with journald: the datagram arrives, and
+    neither json nor socket (which imports enum) was imported for it."""
+    path = tmp_path / "journal.sock"
+    code = (f"import sys; from nvidia_kmod_swap.journal import send_native; import _socket\n"
+            f"server = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM); server.bind({str(path)!r})\n"
+            f"ok = send_native({{'MESSAGE': 'm', 'MESSAGE_ID': 'x'}}, {str(path)!r})\n"
+            "heavy = [m for m in ('json', 're', 'enum', 'socket', 'typing') if m in sys.modules]\n"
+            "print(ok, server.recv(4096), heavy)")
+    out = subprocess.run([sys.executable, "-S", "-c", code], env={"PYTHONPATH": SRC}, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True b'MESSAGE=m\\nMESSAGE_ID=x\\n' []", out
+
+
+def test_deeply_nested_config_hands_over(current, tmp_path):
+    system, _ = current
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert try_noop(args(system, tmp_path / "deep.json")) is None

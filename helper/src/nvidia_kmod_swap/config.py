@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .rules import DEFAULT_MODULES, DEFAULT_STATE_DIR, ConfigError, validate
+from .rules import DEFAULT_MODULES, DEFAULT_STATE_DIR, ConfigError, loads_json, validate
 
 DEFAULT_PATH = Path("/etc/nvidia-kmod-swap/config.json")
 
@@ -46,7 +46,7 @@ def load(path: Path) -> Config:
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from e
     try:
-        data = json.loads(text)
+        data = loads_json(text)  # the no-op path's decoder, so both paths take the same files
     except json.JSONDecodeError as e:
         raise ConfigError(f"config {path} is not valid JSON: {e}") from e
     return parse(data)

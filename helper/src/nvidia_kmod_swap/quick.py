@@ -1,5 +1,5 @@
 """The no-op path, which runs on every start of nvidia-persistenced: decide "versions match,
-nothing to do" having imported nothing but os, json and rules.py. It applies the full path's own
+nothing to do" having imported nothing but os and rules.py (not even json: rules.loads_json). It applies the full path's own
 rules (rules.py): the same config validation and the same "current" test. Anything it cannot
 settle (another command, an odd argument, an invalid config, a pending swap, a module in the
 driver's closure with a version of its own, any mismatch) falls through to the full CLI, which
@@ -8,7 +8,6 @@ decides by the module files and reports properly.
 
 from __future__ import annotations
 
-import json
 import os
 
 from .rules import (
@@ -23,6 +22,7 @@ from .rules import (
     driver_closure,
     driver_record,
     driver_record_json,
+    loads_json,
     parse_proc_modules,
     stale,
     validate,
@@ -70,8 +70,8 @@ def try_noop(argv: list[str]) -> int | None:
         return None
     text = _read(args["config"])
     try:
-        config = validate(json.loads(text)) if text is not None else None
-    except (ValueError, ConfigError):
+        config = validate(loads_json(text)) if text is not None else None
+    except (ValueError, RecursionError, ConfigError):
         return None  # the full path says what is wrong with it
     if config is None:
         return None
@@ -118,6 +118,8 @@ def _note_driver(state_dir: str, version: str, read_firmware_path: Callable[[], 
     firmware_path = read_firmware_path()  # only now: a sysfs read is not for every start
     data = driver_record_json(version, None if firmware_path is None else firmware_path.strip(),
                               verify if isinstance(verify, (list, tuple)) else None)
+    import json  # once per driver and boot
+
     try:
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
         tmp = record + ".tmp"
