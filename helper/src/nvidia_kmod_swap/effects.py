@@ -21,7 +21,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import platform
 import stat
 import subprocess
 from pathlib import Path
@@ -92,9 +91,10 @@ class SystemEffects:
 
     # -- kernel modules ------------------------------------------------------------------------
     def _syscall(self, op: str, target: str, name: str, *args: object) -> None:
-        numbers = SYSCALLS.get(platform.machine())
+        machine = os.uname().machine  # what platform.machine() returns, without importing platform
+        numbers = SYSCALLS.get(machine)
         if numbers is None:
-            raise EffectError(f"unsupported architecture {platform.machine()}")
+            raise EffectError(f"unsupported architecture {machine}")
         if self._libc is None:
             self._libc = ctypes.CDLL(None, use_errno=True)
             self._libc.syscall.restype = ctypes.c_long

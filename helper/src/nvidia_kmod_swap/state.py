@@ -13,10 +13,11 @@ a guess could unload the driver and load nothing.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,11 @@ def _steps(value: object, what: str) -> tuple[LoadStep, ...]:
         except TypeError as e:
             raise StateError(f"{what}: {e}") from e
     return tuple(steps)
+
+
+@functools.cache
+def _steps_json(steps: tuple[LoadStep, ...]) -> list[dict[str, Any]]:
+    return [asdict(step) for step in steps]
 
 
 def _optional_str(value: object, where: str) -> str | None:
@@ -98,7 +104,10 @@ class SwapState:
     rollback_verify_command: tuple[str, ...] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
+        # Written before every step of a swap, while the GPU may have no driver: the fields as they
+        # are and the module steps converted once per run, not asdict's deep copy of it all each time.
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["load"], data["rollback"] = _steps_json(self.load), _steps_json(self.rollback)
         data["format"] = FORMAT
         return data
 
@@ -220,7 +229,8 @@ class StateDir:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=1)
+                # json.dumps without indent: the C encoder (json.dump and any indent use the Python one)
+                f.write(json.dumps(data))
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path / name)
