@@ -18,6 +18,19 @@ let
       ../tests/unit
     ];
   };
+  # The linters also compare the declared dependencies with the imports (tests/dependencies.py),
+  # which reads this file and the test bed's guest packages.
+  lintSrc = lib.fileset.toSource {
+    root = ../.;
+    fileset = lib.fileset.unions [
+      ./pyproject.toml
+      ./package.nix
+      ./src
+      ../tests/unit
+      ../tests/dependencies.py
+      ../tests/vm/testbed.py
+    ];
+  };
   # As nixos-rebuild-ng's passthru.tests.linters (pkgs/by-name/ni/nixos-rebuild-ng/package.nix):
   # the linters and the helper's dependencies, so that strict mypy sees their types.
   python-with-linters = python3.withPackages (
@@ -26,6 +39,7 @@ let
       ruff
       pyudev
       packaging
+      pyelftools
       zstandard
     ]
   );
@@ -45,6 +59,7 @@ python3Packages.buildPythonApplication {
   dependencies = with python3Packages; [
     pyudev
     packaging
+    pyelftools
     systemd-python
     zstandard
   ];
@@ -63,8 +78,9 @@ python3Packages.buildPythonApplication {
   passthru.tests = import ../tests/nixos { inherit callPackage; } // {
     linters = runCommand "nvidia-kmod-swap-linters" { nativeBuildInputs = [ python-with-linters ]; } ''
       export RUFF_CACHE_DIR="$(mktemp -d)"
-      ruff check --config ${src}/helper/pyproject.toml ${src}/helper/src ${src}/tests/unit
-      cd ${src}/helper
+      ruff check --config ${lintSrc}/helper/pyproject.toml ${lintSrc}/helper/src ${lintSrc}/tests/unit
+      python3 ${lintSrc}/tests/dependencies.py
+      cd ${lintSrc}/helper
       mypy --cache-dir=/dev/null
       touch $out
     '';

@@ -33,21 +33,29 @@ DRIVER = {"nvidia": (), "nvidia_modeset": ("nvidia",), "nvidia_uvm": ("nvidia",)
           "nvidia_drm": ("nvidia_modeset", "nvidia"), "nvidia_peermem": ("nvidia",)}
 
 
-def elf_object(modinfo: dict[str, str], body: bytes = b"\x90" * 64) -> bytes:
-    """A minimal ELF64 relocatable object with .text, .modinfo and .shstrtab, like a .ko."""
+def elf_object(modinfo: dict[str, str], body: bytes = b"\x90" * 64, *, bits: int = 64, endian: str = "<") -> bytes:
+    """A minimal ELF relocatable object with .text, .modinfo and .shstrtab, like a .ko: ELF64 as on
+    x86_64 and aarch64, or ELF32 (an i686 kernel's modules; nixpkgs' nvidia-x11 generic.nix lists
+    i686-linux for drivers that ship a 32-bit build); ENDIAN "<" little, ">" big."""
     info = b"".join(f"{k}={v}".encode() + b"\0" for k, v in modinfo.items())
     shstr = b"\0.text\0.modinfo\0.shstrtab\0"
-    text_off = 64
+    ehsize, shentsize = (64, 64) if bits == 64 else (52, 40)
+    text_off = ehsize
     info_off = text_off + len(body)
     shstr_off = info_off + len(info)
     sh_off = (shstr_off + len(shstr) + 7) & ~7
-    header = b"\x7fELF" + bytes([2, 1, 1, 0]) + b"\0" * 8
-    header += struct.pack("<HHIQQQIHHHHHH", 1, 62, 1, 0, 0, sh_off, 0, 64, 0, 0, 64, 4, 3)
+    header = b"\x7fELF" + bytes([2 if bits == 64 else 1, 1 if endian == "<" else 2, 1, 0]) + b"\0" * 8
+    machine = 62 if bits == 64 else 3  # EM_X86_64, EM_386
+    address = "Q" if bits == 64 else "I"
+    header += struct.pack(f"{endian}HHI{address}{address}{address}IHHHHHH", 1, machine, 1, 0, 0, sh_off, 0,
+                          ehsize, 0, 0, shentsize, 4, 3)
     data = bytearray(header + body + info + shstr)
     data += b"\0" * (sh_off - len(data))
 
     def section(name: int, stype: int, offset: int, size: int) -> bytes:
-        return struct.pack("<IIQQQQIIQQ", name, stype, 0, 0, offset, size, 0, 0, 1, 0)
+        if bits == 64:
+            return struct.pack(f"{endian}IIQQQQIIQQ", name, stype, 0, 0, offset, size, 0, 0, 1, 0)
+        return struct.pack(f"{endian}IIIIIIIIII", name, stype, 0, 0, offset, size, 0, 0, 1, 0)
 
     data += section(0, 0, 0, 0)
     data += section(1, 1, text_off, len(body))

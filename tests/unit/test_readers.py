@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import tracemalloc
 from pathlib import Path
 
 import pytest
 
-from fakesys import NEW, OLD, RELEASE, write_ko
+from fakesys import NEW, OLD, RELEASE, elf_object, write_ko
 from nvidia_kmod_swap import config as config_mod
 from nvidia_kmod_swap import params
 from nvidia_kmod_swap.holders import find_holders, unit_of
@@ -74,6 +77,78 @@ def test_modinfo_rejects_bad_files(tmp_path):
     (tmp_path / "bad.ko.xz").write_bytes(b"not xz")
     with pytest.raises(ModuleFileError, match="bad xz"):
         read_modinfo(tmp_path / "bad.ko.xz")
+
+
+@pytest.mark.parametrize("bits, endian", [(64, "<"), (64, ">"), (32, "<"), (32, ">")])
+def test_modinfo_reads_32_and_64_bit_objects_of_either_byte_order(tmp_path, bits, endian):
+    path = tmp_path / "nvidia.ko"
+    fields = {"name": "nvidia", "version": NEW, "vermagic": f"{RELEASE} SMP mod_unload ", "depends": ""}
+    path.write_bytes(elf_object(fields, bits=bits, endian=endian))
+    info = read_modinfo(path)
+    assert (info.name, info.version, info.kernel_release, info.depends) == ("nvidia", NEW, RELEASE, ())
+
+
+def test_modinfo_refuses_what_the_kernel_would(tmp_path):
+    """kernel/module/main.c (elf_validity_check) refuses a section header size other than
+    sizeof(Elf_Shdr) and a section table past the end of the file; so do we, in words."""
+    good = elf_object({"name": "nvidia", "vermagic": f"{RELEASE} SMP "})
+    bad_entsize = bytearray(good)
+    bad_entsize[0x3A] = 40  # e_shentsize of an ELF64 object
+    (tmp_path / "entsize.ko").write_bytes(bad_entsize)
+    with pytest.raises(ModuleFileError, match="section header size 40"):
+        read_modinfo(tmp_path / "entsize.ko")
+    (tmp_path / "cut.ko").write_bytes(good[:-10])
+    with pytest.raises(ModuleFileError, match="truncated or corrupt: its section headers end at byte"):
+        read_modinfo(tmp_path / "cut.ko")
+    (tmp_path / "text.ko").write_bytes(b"#!/bin/sh\n" * 20)
+    with pytest.raises(ModuleFileError, match="not an ELF file"):
+        read_modinfo(tmp_path / "text.ko")
+
+
+def test_modinfo_does_not_read_a_large_module_whole(tmp_path):
+    """A real GPU module has tens of MB (the host's amdgpu.ko has 19 MB); a plan reads the
+    .modinfo of the old and the new driver's, so only the header, the section table and .modinfo
+    may be read."""
+    path = tmp_path / "nvidia.ko"
+    path.write_bytes(elf_object({"name": "nvidia", "vermagic": f"{RELEASE} SMP "}, body=b"\x90" * (64 << 20)))
+    read_modinfo(path)  # pyelftools' import is not what is measured
+    tracemalloc.start()
+    try:
+        info = read_modinfo(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert info.name == "nvidia" and peak < 2 << 20, f"{peak} bytes allocated to read a 64 MiB module"
+
+
+def host_modules() -> list[Path]:
+    """Every 40th real module of the host's kernels, and the largest one."""
+    found = sorted(Path("/lib/modules").glob("*/kernel/**/*.ko*"))
+    return [*found[::40], max(found, key=lambda p: p.stat().st_size)] if found else []
+
+
+def test_modinfo_agrees_with_kmods_modinfo_on_real_modules(tmp_path):
+    """kmod's own modinfo(8) is the reference, over real modules of the host's kernel (tests/setup
+    installs one), plain and compressed with xz and zstd as kmod reads them."""
+    modules = host_modules()
+    if not modules or not shutil.which("modinfo"):
+        pytest.skip("no kernel modules or kmod here (a Nix build sandbox)")
+    for extra in modules[:3]:
+        for tool, suffix in (("xz", ".xz"), ("zstd", ".zst")):
+            copy = tmp_path / f"{tool}-{extra.name}"
+            shutil.copyfile(extra, copy)
+            subprocess.run([tool, "-q", "-f", str(copy)], check=True)
+            modules.append(copy.with_name(copy.name + suffix))
+    keys = ("name", "version", "vermagic", "depends", "srcversion")
+    for path in modules:
+        info = read_modinfo(path)
+        ours = [info.name, info.version, info.vermagic, ",".join(info.depends), info.srcversion]
+        theirs = {}
+        for key in keys:
+            out = subprocess.run(["modinfo", "-F", key, str(path)], capture_output=True, text=True, check=True).stdout
+            theirs[key] = out.rstrip("\n").replace("-", "_") if key == "depends" else out.rstrip("\n")
+        assert ours == [theirs[k] or (None if k in ("version", "srcversion") else "") for k in keys], (path, theirs)
+    assert len(modules) > 50
 
 
 def test_module_files_in_both_layouts(tmp_path):

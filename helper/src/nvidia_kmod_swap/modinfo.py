@@ -5,11 +5,13 @@ This is what `modinfo FILE` shows: name, version, vermagic, depends, srcversion.
 
 from __future__ import annotations
 
+import io
 import mmap
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 SUFFIXES = (".ko", ".ko.xz", ".ko.zst")
 
@@ -46,6 +48,10 @@ def module_name(path: Path) -> str:
 def read_bytes(path: Path) -> bytes:
     """The module's ELF image, decompressed in userspace as kmod does."""
     data = path.read_bytes()
+    return _decompress(data, path) if path.name.endswith((".xz", ".zst")) else data
+
+
+def _decompress(data: bytes, path: Path) -> bytes:
     if path.name.endswith(".xz"):
         import lzma
 
@@ -53,40 +59,46 @@ def read_bytes(path: Path) -> bytes:
             return lzma.decompress(data)
         except lzma.LZMAError as e:
             raise ModuleFileError(f"{path}: bad xz data: {e}") from e
-    if path.name.endswith(".zst"):
-        import zstandard
+    import zstandard
 
-        try:
-            return zstandard.ZstdDecompressor().decompressobj().decompress(data)
-        except zstandard.ZstdError as e:
-            raise ModuleFileError(f"{path}: bad zstd data: {e}") from e
-    return data
-
-
-def _modinfo_section(elf: bytes, path: Path) -> bytes:
-    if len(elf) < 64 or elf[:4] != b"\x7fELF":
-        raise ModuleFileError(f"{path}: not an ELF file")
-    if elf[4] != 2:
-        raise ModuleFileError(f"{path}: not a 64-bit ELF object")
-    endian = "<" if elf[5] == 1 else ">"
     try:
-        (shoff,) = struct.unpack_from(endian + "Q", elf, 0x28)
-        shentsize, shnum, shstrndx = struct.unpack_from(endian + "HHH", elf, 0x3A)
-        def section(i: int) -> tuple[int, int, int]:
-            name, _type, _flags, _addr, offset, size = struct.unpack_from(endian + "IIQQQQ", elf, shoff + i * shentsize)
-            return name, offset, size
-        _, stroff, strsize = section(shstrndx)
-        names = elf[stroff: stroff + strsize]
-        for i in range(shnum):
-            name_off, offset, size = section(i)
-            end = names.find(b"\0", name_off)
-            if names[name_off:end] == b".modinfo":
-                if offset + size > len(elf):
-                    raise ModuleFileError(f"{path}: .modinfo runs past the end of the file (truncated?)")
-                return elf[offset: offset + size]
-    except struct.error as e:  # struct's own words ("unpack_from requires a buffer...") help nobody
-        raise ModuleFileError(f"{path}: truncated or corrupt ELF header or section table") from e
-    raise ModuleFileError(f"{path}: no .modinfo section: not a kernel module")
+        return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+    except zstandard.ZstdError as e:
+        raise ModuleFileError(f"{path}: bad zstd data: {e}") from e
+
+
+def _modinfo_section(image: BinaryIO, size: int, path: Path) -> bytes:
+    """The .modinfo section of the ELF object in IMAGE (SIZE bytes), read with pyelftools, which
+    seeks to the ELF header, the section table and the one section asked for, so an uncompressed
+    module is never read whole (the host's amdgpu.ko has 19 MB). pyelftools reads 32- and 64-bit
+    objects of either byte order but does not check that the section table and every section lie
+    inside the file; the kernel does (kernel/module/main.c, elf_validity_check: "Invalid ELF section
+    header size", "... header overflow", contents in bounds but for SHT_NOBITS), and so do we: a
+    module cut short by a full disk or an interrupted copy is refused here, not by init_module."""
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
+
+    if image.read(4) != b"\x7fELF":
+        raise ModuleFileError(f"{path}: not an ELF file")
+    image.seek(0)
+    try:
+        elf = ELFFile(image)
+        if int(elf["e_shentsize"]) != (64 if elf.elfclass == 64 else 40):  # sizeof(Elf{64,32}_Shdr)
+            raise ModuleFileError(f"{path}: corrupt ELF object: section header size {elf['e_shentsize']}")
+        table_end = int(elf["e_shoff"]) + int(elf["e_shentsize"]) * elf.num_sections()
+        if table_end > size:
+            raise ModuleFileError(f"{path}: truncated or corrupt: its section headers end at byte {table_end}, the file has {size}")
+        found: bytes | None = None
+        for index, section in enumerate(elf.iter_sections()):
+            if section["sh_type"] != "SHT_NOBITS" and int(section["sh_offset"]) + int(section["sh_size"]) > size:
+                raise ModuleFileError(f"{path}: truncated or corrupt: section {index} ({section.name}) ends past the end of the file")
+            if section.name == ".modinfo" and found is None:
+                found = bytes(section.data())
+    except ELFError as e:  # pyelftools' own words: "Magic number does not match", a parse error, ...
+        raise ModuleFileError(f"{path}: truncated or corrupt ELF object: {e}") from e
+    if found is None:
+        raise ModuleFileError(f"{path}: no .modinfo section: not a kernel module")
+    return found
 
 
 def parse_modinfo(section: bytes) -> dict[str, list[str]]:
@@ -100,16 +112,15 @@ def parse_modinfo(section: bytes) -> dict[str, list[str]]:
 
 def read_modinfo(path: Path) -> ModInfo:
     try:
-        elf = read_bytes(path)
+        with open(path, "rb") as f:
+            if path.name.endswith((".xz", ".zst")):
+                elf = _decompress(f.read(), path)
+                section = _modinfo_section(io.BytesIO(elf), len(elf), path)
+            else:
+                section = _modinfo_section(f, os.fstat(f.fileno()).st_size, path)
     except OSError as e:
         raise ModuleFileError(f"{path}: {e.strerror}") from e
-    fields = parse_modinfo(_modinfo_section(elf, path))
-    # A file cut short after its section headers still has a .modinfo; the kernel would reject it,
-    # so check that the section header table itself is whole.
-    try:
-        _check_complete(elf, path)
-    except struct.error as e:
-        raise ModuleFileError(f"{path}: truncated or corrupt ELF section headers") from e
+    fields = parse_modinfo(section)
     vermagic = (fields.get("vermagic") or [""])[0]
     if not vermagic:
         raise ModuleFileError(f"{path}: no vermagic: not a loadable module")
@@ -127,18 +138,6 @@ def read_modinfo(path: Path) -> ModInfo:
 def _first(fields: dict[str, list[str]], key: str) -> str | None:
     values = fields.get(key)
     return values[0] if values else None
-
-
-def _check_complete(elf: bytes, path: Path) -> None:
-    endian = "<" if elf[5] == 1 else ">"
-    (shoff,) = struct.unpack_from(endian + "Q", elf, 0x28)
-    shentsize, shnum = struct.unpack_from(endian + "HH", elf, 0x3A)
-    if shoff + shentsize * shnum > len(elf) or shentsize < 64:
-        raise ModuleFileError(f"{path}: truncated: section headers end at {shoff + shentsize * shnum}, file has {len(elf)} bytes")
-    for i in range(shnum):
-        _n, stype, _f, _a, offset, size = struct.unpack_from(endian + "IIQQQQ", elf, shoff + i * shentsize)
-        if stype != 8 and offset + size > len(elf):  # SHT_NOBITS (8) occupies no file space
-            raise ModuleFileError(f"{path}: truncated: section {i} ends past the end of the file")
 
 
 class DepmodIndex:

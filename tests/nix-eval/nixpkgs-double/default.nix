@@ -153,6 +153,8 @@ let
         setuptools = drv { name = "python3.13-setuptools-80.9.0"; };
         pyudev = drv { name = "python3.13-pyudev-0.24.3"; };
         packaging = drv { name = "python3.13-packaging-25.0"; };
+        # pkgs/development/python-modules/pyelftools/default.nix (0.32)
+        pyelftools = drv { name = "python3.13-pyelftools-0.32"; };
         systemd-python = drv { name = "python3.13-systemd-python-235"; };
         zstandard = drv { name = "python3.13-zstandard-0.23.0"; };
         pytestCheckHook = drv { name = "pytest-check-hook"; };
