@@ -39,7 +39,6 @@ let
       ruff
       pyudev
       packaging
-      pyelftools
       zstandard
     ]
   );
@@ -59,15 +58,15 @@ python3Packages.buildPythonApplication {
   dependencies = with python3Packages; [
     pyudev
     packaging
-    pyelftools
     systemd-python
     zstandard
   ];
 
   # kmod: the tests index fake module trees with the real depmod, whose modules.dep.bin the
-  # helper reads.
+  # helper reads; pyelftools: the reference for the helper's ELF reader.
   nativeCheckInputs = [
     python3Packages.pytestCheckHook
+    python3Packages.pyelftools
     kmod
   ];
   enabledTestPaths = [ "../tests/unit" ];

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import io
 import json
+import random
 import shutil
 import subprocess
 import tracemalloc
 from pathlib import Path
 
 import pytest
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
 
 from fakesys import NEW, OLD, RELEASE, elf_object, write_ko
 from nvidia_kmod_swap import config as config_mod
 from nvidia_kmod_swap import params
 from nvidia_kmod_swap.holders import find_holders, unit_of
-from nvidia_kmod_swap.modinfo import ModuleFileError, ModuleFiles, read_modinfo
+from nvidia_kmod_swap.modinfo import ModuleFileError, ModuleFiles, parse_modinfo, read_modinfo
 from nvidia_kmod_swap.snapshot import read_snapshot
 
 MINIMAL = {"driver_version": NEW, "kernel_release": RELEASE, "module_dirs": ["/nix/store/x"]}
@@ -149,6 +153,71 @@ def test_modinfo_agrees_with_kmods_modinfo_on_real_modules(tmp_path):
             theirs[key] = out.rstrip("\n").replace("-", "_") if key == "depends" else out.rstrip("\n")
         assert ours == [theirs[k] or (None if k in ("version", "srcversion") else "") for k in keys], (path, theirs)
     assert len(modules) > 50
+
+
+def pyelftools_modinfo(data: bytes) -> dict[str, list[str]] | None:
+    """The .modinfo fields as pyelftools reads them (the reference), or None where it cannot."""
+    try:
+        section = ELFFile(io.BytesIO(data)).get_section_by_name(".modinfo")
+        return None if section is None else parse_modinfo(section.data())
+    except (ELFError, ValueError, KeyError, IndexError, TypeError, OverflowError):
+        return None
+
+
+def fields_of(info) -> dict[str, str | None]:
+    return {"name": info.name, "version": info.version, "vermagic": info.vermagic, "srcversion": info.srcversion,
+            "depends": ",".join(info.depends)}
+
+
+def reference_fields(fields: dict[str, list[str]], path: Path) -> dict[str, str | None]:
+    first = {key: values[0] for key, values in fields.items()}
+    return {"name": first.get("name", path.name.split(".")[0].replace("-", "_")), "version": first.get("version"),
+            "vermagic": first["vermagic"], "srcversion": first.get("srcversion"),
+            "depends": ",".join(d.replace("-", "_") for d in ",".join(fields.get("depends", [])).split(",") if d)}
+
+
+def test_modinfo_agrees_with_pyelftools(tmp_path):
+    """pyelftools reads 32- and 64-bit ELF of either byte order: the reference for modinfo.py's
+    reader, over the host's real modules and our 32/64-bit, little/big-endian objects."""
+    synthetic = []
+    for bits in (32, 64):
+        for endian in "<>":
+            path = tmp_path / f"nvidia-{bits}{'le' if endian == '<' else 'be'}.ko"
+            fields = {"name": "nvidia", "version": NEW, "vermagic": f"{RELEASE} SMP ", "depends": "drm,i2c-core"}
+            path.write_bytes(elf_object(fields, bits=bits, endian=endian))
+            synthetic.append(path)
+    for path in [*synthetic, *host_modules()]:
+        reference = pyelftools_modinfo(path.read_bytes())
+        assert reference is not None, path
+        assert fields_of(read_modinfo(path)) == reference_fields(reference, path), path
+
+
+def test_modinfo_never_returns_what_is_not_in_a_damaged_file(tmp_path):
+    """Cut at every length and with bytes changed in its header and section table, a module is
+    either refused with ModuleFileError (never another exception) or read as pyelftools reads it."""
+    good = elf_object({"name": "nvidia", "version": NEW, "vermagic": f"{RELEASE} SMP ", "depends": ""}, body=b"\x90" * 200)
+    header_and_table = [*range(0, 64), *range(len(good) - 4 * 64, len(good))]
+    rng = random.Random(0)
+    damaged = [good[:cut] for cut in range(len(good))]
+    for _ in range(600):
+        data = bytearray(good)
+        for at in rng.sample(header_and_table, rng.randint(1, 3)):
+            data[at] = rng.randrange(256)
+        damaged.append(bytes(data))
+    agreed = refused = 0
+    path = tmp_path / "nvidia.ko"
+    for data in damaged:
+        path.write_bytes(data)
+        try:
+            ours = fields_of(read_modinfo(path))
+        except ModuleFileError:
+            refused += 1
+            continue
+        reference = pyelftools_modinfo(data)
+        if reference is not None:
+            assert ours == reference_fields(reference, path), data
+            agreed += 1
+    assert refused > len(good) and agreed > 100, (refused, agreed)
 
 
 def test_module_files_in_both_layouts(tmp_path):

@@ -26,7 +26,7 @@ CACHE = Path(os.environ.get("NKS_CACHE", REPO / ".cache"))
 SUITE = "bookworm"
 GUEST_PACKAGES = [
     "systemd", "systemd-sysv", "udev", "kmod", "procps", "psmisc",
-    "python3", "python3-pyudev", "python3-systemd", "python3-packaging", "python3-pyelftools", "python3-zstandard",
+    "python3", "python3-pyudev", "python3-systemd", "python3-packaging", "python3-zstandard",
     # python3-zstandard needs a cffi backend through virtual packages debootstrap cannot resolve.
     "python3-cffi-backend",
     # The seed script of the blog post, run by the benchmark for comparison, uses rg.

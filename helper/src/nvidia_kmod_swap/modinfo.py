@@ -5,13 +5,12 @@ This is what `modinfo FILE` shows: name, version, vermagic, depends, srcversion.
 
 from __future__ import annotations
 
-import io
 import mmap
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 SUFFIXES = (".ko", ".ko.xz", ".ko.zst")
 
@@ -67,38 +66,57 @@ def _decompress(data: bytes, path: Path) -> bytes:
         raise ModuleFileError(f"{path}: bad zstd data: {e}") from e
 
 
-def _modinfo_section(image: BinaryIO, size: int, path: Path) -> bytes:
-    """The .modinfo section of the ELF object in IMAGE (SIZE bytes), read with pyelftools, which
-    seeks to the ELF header, the section table and the one section asked for, so an uncompressed
-    module is never read whole (the host's amdgpu.ko has 19 MB). pyelftools reads 32- and 64-bit
-    objects of either byte order but does not check that the section table and every section lie
-    inside the file; the kernel does (kernel/module/main.c, elf_validity_check: "Invalid ELF section
-    header size", "... header overflow", contents in bounds but for SHT_NOBITS), and so do we: a
-    module cut short by a full disk or an interrupted copy is refused here, not by init_module."""
-    from elftools.common.exceptions import ELFError
-    from elftools.elf.elffile import ELFFile
+# The System V gABI's ELF header and section header, by EI_CLASS (1: ELF32, 2: ELF64): the format
+# and offset of e_shoff, the offset of e_shentsize/e_shnum/e_shstrndx, and Elf_Shdr's first six
+# fields (sh_name, sh_type, sh_flags, sh_addr, sh_offset, sh_size) and size. Checked against
+# pyelftools and kmod's modinfo by tests/unit/test_readers.py.
+_LAYOUTS = {1: ("I", 0x20, 0x2E, "IIIIII", 40), 2: ("Q", 0x28, 0x3A, "IIQQQQ", 64)}
+_SHT_NOBITS = 8
 
-    if image.read(4) != b"\x7fELF":
+
+def _modinfo_section(read: Callable[[int, int], bytes], size: int, path: Path) -> bytes:
+    """The .modinfo section of the ELF object of SIZE bytes that READ(offset, length) reads: the
+    header, the section table, the section names and .modinfo, never the whole file (the host's
+    amdgpu.ko has 19 MB; a plan reads the old and the new driver's modules). 32- and 64-bit objects
+    of either byte order. Refused as the kernel refuses them (kernel/module/main.c,
+    elf_validity_check: "Invalid ELF section header size", "... header overflow", a section name
+    index out of range, contents past the end but for SHT_NOBITS), so that a module cut short by a
+    full disk or an interrupted copy is refused before anything is unloaded, not by init_module."""
+    header = read(0, 64)
+    if len(header) < 16 or header[:4] != b"\x7fELF":
         raise ModuleFileError(f"{path}: not an ELF file")
-    image.seek(0)
+    layout, endian = _LAYOUTS.get(header[4]), {1: "<", 2: ">"}.get(header[5])
+    if layout is None or endian is None:
+        raise ModuleFileError(f"{path}: corrupt ELF object: class {header[4]}, byte order {header[5]}")
+    offset_format, shoff_at, counts_at, shdr_format, shdr_size = layout
     try:
-        elf = ELFFile(image)
-        if int(elf["e_shentsize"]) != (64 if elf.elfclass == 64 else 40):  # sizeof(Elf{64,32}_Shdr)
-            raise ModuleFileError(f"{path}: corrupt ELF object: section header size {elf['e_shentsize']}")
-        table_end = int(elf["e_shoff"]) + int(elf["e_shentsize"]) * elf.num_sections()
-        if table_end > size:
-            raise ModuleFileError(f"{path}: truncated or corrupt: its section headers end at byte {table_end}, the file has {size}")
-        found: bytes | None = None
-        for index, section in enumerate(elf.iter_sections()):
-            if section["sh_type"] != "SHT_NOBITS" and int(section["sh_offset"]) + int(section["sh_size"]) > size:
-                raise ModuleFileError(f"{path}: truncated or corrupt: section {index} ({section.name}) ends past the end of the file")
-            if section.name == ".modinfo" and found is None:
-                found = bytes(section.data())
-    except ELFError as e:  # pyelftools' own words: "Magic number does not match", a parse error, ...
-        raise ModuleFileError(f"{path}: truncated or corrupt ELF object: {e}") from e
-    if found is None:
-        raise ModuleFileError(f"{path}: no .modinfo section: not a kernel module")
-    return found
+        (shoff,) = struct.unpack_from(endian + offset_format, header, shoff_at)
+        shentsize, shnum, shstrndx = struct.unpack_from(endian + "HHH", header, counts_at)
+    except struct.error as e:  # struct's own words ("unpack_from requires a buffer...") help nobody
+        raise ModuleFileError(f"{path}: truncated or corrupt ELF header") from e
+    if shentsize != shdr_size:
+        raise ModuleFileError(f"{path}: corrupt ELF object: section header size {shentsize}, not {shdr_size}")
+    if shoff >= size or shnum * shdr_size > size - shoff:
+        raise ModuleFileError(
+            f"{path}: truncated or corrupt: its section headers end at byte {shoff + shnum * shdr_size}, the file has {size}")
+    if shstrndx == 0 or shstrndx >= shnum:
+        raise ModuleFileError(f"{path}: corrupt ELF object: section name table {shstrndx} of {shnum} sections")
+    table = read(shoff, shnum * shdr_size)
+    if len(table) != shnum * shdr_size:
+        raise ModuleFileError(f"{path}: truncated while being read")
+    sections = [struct.unpack_from(endian + shdr_format, table, i * shdr_size) for i in range(shnum)]
+    for index, (_name, stype, _flags, _addr, offset, length) in enumerate(sections):
+        if stype != _SHT_NOBITS and offset + length > size:
+            raise ModuleFileError(f"{path}: truncated or corrupt: section {index} ends at byte {offset + length}, the file has {size}")
+    names = read(sections[shstrndx][4], sections[shstrndx][5])
+    for name, stype, _flags, _addr, offset, length in sections:
+        end = names.find(b"\0", name)
+        if end >= 0 and names[name:end] == b".modinfo" and stype != _SHT_NOBITS:
+            section = read(offset, length)
+            if len(section) != length:
+                raise ModuleFileError(f"{path}: truncated while being read")
+            return section
+    raise ModuleFileError(f"{path}: no .modinfo section: not a kernel module")
 
 
 def parse_modinfo(section: bytes) -> dict[str, list[str]]:
@@ -113,11 +131,12 @@ def parse_modinfo(section: bytes) -> dict[str, list[str]]:
 def read_modinfo(path: Path) -> ModInfo:
     try:
         with open(path, "rb") as f:
-            if path.name.endswith((".xz", ".zst")):
+            if path.name.endswith((".xz", ".zst")):  # decompressed whole, as kmod does
                 elf = _decompress(f.read(), path)
-                section = _modinfo_section(io.BytesIO(elf), len(elf), path)
+                section = _modinfo_section(lambda offset, length: elf[offset: offset + length], len(elf), path)
             else:
-                section = _modinfo_section(f, os.fstat(f.fileno()).st_size, path)
+                fd = f.fileno()
+                section = _modinfo_section(lambda offset, length: os.pread(fd, length, offset), os.fstat(fd).st_size, path)
     except OSError as e:
         raise ModuleFileError(f"{path}: {e.strerror}") from e
     fields = parse_modinfo(section)
