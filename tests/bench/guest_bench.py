@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 
 CONFIG = "/etc/nvidia-kmod-swap/config.json"
-HELPER = ["/usr/bin/nvidia-kmod-swap", "--log-target", "stderr", "--config", CONFIG]
-# The no-op path as the unit runs it: its entry goes to the journal (the default target).
-NOOP_HELPER = ["/usr/bin/nvidia-kmod-swap", "--config", CONFIG]
+# The helper as the unit runs it: its entries go to the journal (the default target, "auto"), so
+# that systemd-python's import is in the swap's time as it is in the unit's.
+HELPER = ["/usr/bin/nvidia-kmod-swap", "--config", CONFIG]
+NOOP_HELPER = HELPER
 PACKAGES = json.loads(Path("/etc/testbed/packages.json").read_text())["packages"]
 SEED = Path("/usr/local/lib/testbed/seed-script.sh")
 # The helpers of earlier revisions (tests/bench/run --before, --before-swap).
@@ -37,7 +38,7 @@ def known_keys(tag: str) -> frozenset[str]:
     return frozenset(json.loads(out))
 
 
-def before_argv(launcher: Path, log_target: str = "stderr") -> list[str]:
+def before_argv(launcher: Path, log_target: str = "auto") -> list[str]:
     """The earlier helper with today's config (rewritten by each switch) minus the keys it does not
     know (it refuses them)."""
     tag = launcher.name.removeprefix("nvidia-kmod-swap-")
@@ -70,7 +71,8 @@ def run_status(argv: list[str]) -> tuple[float, int, int]:
     proc.stderr.close()
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
-        print(f"bench: {' '.join(argv)} exited {code}: {err[-800:]}", file=sys.stderr)
+        journal = subprocess.run(["journalctl", "-n", "15", "-o", "cat", "--no-pager"], capture_output=True, text=True).stdout
+        print(f"bench: {' '.join(argv)} exited {code}: {err[-800:]}\njournal:\n{journal}", file=sys.stderr)
     return elapsed, usage.ru_maxrss, code
 
 
@@ -189,6 +191,29 @@ def swaps(names: list[str], gpus: int, before_too: bool = False) -> dict:
     return result
 
 
+# The stdlib modules the helper's full path imports anyway; each library's cost is what importing
+# it (and, for pyudev, making the helper's Monitor) adds to them.
+STDLIB = "import argparse, ctypes, dataclasses, fcntl, json, pathlib, signal, subprocess, typing"
+LIBRARIES = {
+    "pyudev": "import pyudev; m = pyudev.Monitor.from_netlink(pyudev.Context(), source='udev'); m.filter_by('module'); m.start()",
+    "packaging": "import packaging.version",
+    "systemd-python": "from systemd import journal",
+}
+
+
+def library_costs(runs: int = 10) -> dict[str, float]:
+    """ms each library of the full path adds to a start of the helper, measured here (interleaved
+    medians of fresh interpreters): what the swap pays for them, against the before helper."""
+    argvs = {"stdlib": STDLIB, **{name: f"{STDLIB}; {code}" for name, code in LIBRARIES.items()}}
+    samples: dict[str, list[float]] = {name: [] for name in argvs}
+    for _ in range(runs):
+        for name, code in argvs.items():
+            samples[name].append(run(["/usr/bin/python3", "-c", code])[0])
+    base = statistics.median(samples["stdlib"])
+    return {"stdlib_ms": round(base * 1000),
+            **{f"{name}_ms": round((statistics.median(samples[name]) - base) * 1000) for name in LIBRARIES}}
+
+
 def slope(points: dict[int, float]) -> float:
     """Least-squares ms per GPU."""
     xs, ys = list(points), list(points.values())
@@ -216,6 +241,7 @@ def main() -> int:
         scale_swap[gpus], scale_bare[gpus] = result["helper_ms"], result["bare_ms"]
         scale_noop[gpus] = noop("old")["helper_ms"]
     out["swap_ratio_vs_bare"] = round(out["swap_gpus_1"]["helper_ms"] / out["swap_gpus_1"]["bare_ms"], 2)
+    out["library_import_ms"] = library_costs()
     if "before_failed" in out["swap_gpus_1"]:
         out["swap_ratio_vs_before"] = out["swap_gpus_1"].get("vs_before")
         out["before_swap_revision"] = Path("/etc/testbed/before-swap-rev").read_text().strip()
