@@ -145,16 +145,21 @@ let
   };
   isDerivation = v: builtins.isAttrs v && v.type or null == "derivation";
   # nix flake check (src/nix/flake.cc): checks, packages, devShells and formatter must be
-  # derivations; an overlay must be a function; a NixOS module must evaluate.
+  # derivations whose drvPath evaluates (checkDerivation: drvInfo->queryDrvPath(), which evaluates
+  # every attribute: a build script's interpolated sources included); an overlay must be a
+  # function; a NixOS module must evaluate.
   flakeProblems =
     let
+      drvEvaluates = v: (tryEval (builtins.deepSeq v.drvPath true)).success;
       notDrv =
         output:
         lib.concatLists (
           lib.mapAttrsToList (
             sys: attrs:
             map (n: "${output}.${sys}.${n}") (
-              lib.filter (n: !(isDerivation attrs.${n})) (builtins.attrNames attrs)
+              lib.filter (n: !(isDerivation attrs.${n}) || !(drvEvaluates attrs.${n})) (
+                builtins.attrNames attrs
+              )
             )
           ) outputs.${output}
         );

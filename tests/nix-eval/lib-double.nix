@@ -529,16 +529,36 @@ let
     intersectLists = e: filter (x: elem x e);
     subtractLists = e: filter (x: !(elem x e));
 
-    # lib/fileset: toSource names its store path "source" (cleanSourceWith { name = "source"; }).
+    # lib/lists.nix
+    imap1 = f: list: genList (n: f (n + 1) (builtins.elemAt list n)) (length list);
+    # lib/fileset: toSource names its store path "source" (cleanSourceWith { name = "source"; });
+    # unions refuses an element that is not an existing path (internal.nix _coerce: "Element N
+    # (...) is a path that does not exist."), toSource a file set reaching outside `root`
+    # (default.nix: "... which is not under the `root` ...").
     fileset = {
-      unions = xs: xs;
+      unions = lib.imap1 (
+        i: x:
+        if !builtins.isPath x then
+          throw "lib.fileset.unions: Element ${toString i} is of type ${builtins.typeOf x}, but it should be a file set or a path instead."
+        else if !builtins.pathExists x then
+          throw "lib.fileset.unions: Element ${toString i} (${toString x}) is a path that does not exist."
+        else
+          x
+      );
       toSource =
         { root, fileset }:
-        {
-          name = "source";
-          outPath = "/nix/store/ssssssssssssssssssssssssssssssss-source";
-          inherit root fileset;
-        };
+        let
+          under = x: lib.hasPrefix "${toString root}/" "${toString x}/";
+          outside = filter (x: !under x) fileset;
+        in
+        if outside != [ ] then
+          throw "lib.fileset.toSource: `fileset` could contain files in ${toString (head outside)}, which is not under the `root` (${toString root})."
+        else
+          {
+            name = "source";
+            outPath = "/nix/store/ssssssssssssssssssssssssssssssss-source";
+            inherit root fileset;
+          };
     };
     licenses.mit = {
       shortName = "mit";

@@ -50,7 +50,8 @@ let
         // {
           type = "derivation";
           inherit name outPath passthru;
-          drvPath = "/nix/store/${substring 0 32 (hashString "sha256" "drv-${name}")}-${name}.drv";
+          # As a real .drv's, from every attribute: forcing it (nix flake check does) evaluates them.
+          drvPath = "/nix/store/${substring 0 32 (hashString "sha256" "drv-${identity attrs}")}-${name}.drv";
           out = self;
           outputName = "out";
         }
@@ -142,9 +143,11 @@ let
           in
           if a ? outputs then multi a (lib.subtractLists [ "out" ] a.outputs) else drv a;
       };
+      # pkgs/build-support/trivial-builders: the script is the derivation's buildCommand, so it is
+      # evaluated (with every path and derivation it interpolates) when the derivation is.
       runCommand =
-        name: _env: _script:
-        drv { inherit name; };
+        name: env: buildCommand:
+        drv (env // { inherit name buildCommand; });
       runCommandCC = final.runCommand;
       writeText = name: text: drv { inherit name text; };
       runtimeShell = "/nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-bash-5.3/bin/bash";
