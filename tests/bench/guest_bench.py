@@ -76,6 +76,41 @@ def run_status(argv: list[str]) -> tuple[float, int, int]:
     return elapsed, usage.ru_maxrss, code
 
 
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def udev_cpu() -> float:
+    """CPU seconds used so far by udevd and its workers, with the programs their rules ran
+    (reaped children's times, /proc/PID/stat fields 14-17)."""
+    total = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        if stat[stat.index("(") + 1: stat.rindex(")")] in ("systemd-udevd", "(udev-worker)"):
+            total += sum(int(v) for v in stat[stat.rindex(")") + 2:].split()[11:15])
+    return total / TICK
+
+
+def run_accounted(argv: list[str]) -> tuple[float, int, int, float, float]:
+    """(wall seconds, exit code, max RSS KiB, CPU seconds of the process and what it ran, of udev meanwhile):
+    on the guest's one vCPU the wall time is about their sum."""
+    udev = udev_cpu()
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - start
+    err = proc.stderr.read().decode(errors="replace")
+    proc.stderr.close()
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        print(f"bench: {' '.join(argv)} exited {code}: {err[-800:]}", file=sys.stderr)
+    return elapsed, code, usage.ru_maxrss, usage.ru_utime + usage.ru_stime, udev_cpu() - udev
+
+
 def switch(label: str, extra: list[str] = ()) -> None:
     subprocess.run(["switch-driver", label, "--no-reload", *extra], check=True)
 
@@ -157,19 +192,30 @@ def swaps(names: list[str], gpus: int, before_too: bool = False) -> dict:
     modules = [n.replace("-", "_") for n in names]
     extra = ["--set", f"modules={json.dumps(modules)}"]
     helper, bare, rss, before, before_failed = [], [], [], [], 0
+    cpu: dict[str, list[float]] = {"helper": [], "helper_udev": [], "before": [], "before_udev": []}
     before_too = before_too and BEFORE_SWAP.exists()
     for _ in range(SWAP_RUNS):
         for target in ("new", "old"):
             switch(target, extra)
-            t, r = run(HELPER + ["swap"])
+            if before_too:  # where the time goes, beside the before helper's
+                t, code, r, own, udev = run_accounted(HELPER + ["swap"])
+                if code != 0:
+                    sys.exit("bench: the helper's swap failed")
+                rss.append(r)
+                cpu["helper"].append(own)
+                cpu["helper_udev"].append(udev)
+            else:
+                t, r = run(HELPER + ["swap"])
+                rss.append(r)
             helper.append(t)
-            rss.append(r)
         if before_too:
             for target in ("new", "old"):
                 switch(target, extra)
-                t, _, code = run_status(before_argv(BEFORE_SWAP) + ["swap"])
+                t, code, _, own, udev = run_accounted(before_argv(BEFORE_SWAP) + ["swap"])
                 if code == 0:
                     before.append(t)
+                    cpu["before"].append(own)
+                    cpu["before_udev"].append(udev)
                 else:  # counted, not timed; today's helper recovers whatever it left
                     before_failed += 1
                     switch(target, extra)
@@ -184,6 +230,9 @@ def swaps(names: list[str], gpus: int, before_too: bool = False) -> dict:
               "samples_ms": {"helper": ms(helper), "bare": ms(bare), **({"before": ms(before)} if before else {})}}
     if before_too:
         result["before_failed"] = before_failed
+        # CPU medians (ms): the helper process with what it ran (nvidia-smi), and udev's workers
+        # with their rules' programs, for today's helper and the before one.
+        result["cpu_ms"] = {k: median_ms(v) for k, v in cpu.items() if v}
     if before:
         result["before_helper_ms"] = median_ms(before)
         if not before_failed:
