@@ -63,17 +63,8 @@ def run(argv: list[str]) -> tuple[float, int]:
 
 def run_status(argv: list[str]) -> tuple[float, int, int]:
     """(wall seconds, max RSS KiB, exit code) of one child process; its stderr's tail when it fails."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    elapsed = time.perf_counter() - start
-    err = proc.stderr.read().decode(errors="replace")
-    proc.stderr.close()
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        journal = subprocess.run(["journalctl", "-n", "15", "-o", "cat", "--no-pager"], capture_output=True, text=True).stdout
-        print(f"bench: {' '.join(argv)} exited {code}: {err[-800:]}\njournal:\n{journal}", file=sys.stderr)
-    return elapsed, usage.ru_maxrss, code
+    elapsed, code, rss, _, _ = run_accounted(argv, udev=False)
+    return elapsed, rss, code
 
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -95,20 +86,23 @@ def udev_cpu() -> float:
     return total / TICK
 
 
-def run_accounted(argv: list[str]) -> tuple[float, int, int, float, float]:
-    """(wall seconds, exit code, max RSS KiB, CPU seconds of the process and what it ran, of udev meanwhile):
-    on the guest's one vCPU the wall time is about their sum."""
-    udev = udev_cpu()
+def run_accounted(argv: list[str], udev: bool = True) -> tuple[float, int, int, float, float]:
+    """(wall seconds, exit code, max RSS KiB, CPU seconds of the process and what it ran, of udev
+    meanwhile (UDEV; else 0)) of one child process; its stderr's and the journal's tails when it
+    fails. On the guest's one vCPU the wall time is about the sum of the CPU times."""
+    udev_before = udev_cpu() if udev else 0.0
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.perf_counter() - start
+    udev_used = udev_cpu() - udev_before if udev else 0.0
     err = proc.stderr.read().decode(errors="replace")
     proc.stderr.close()
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
-        print(f"bench: {' '.join(argv)} exited {code}: {err[-800:]}", file=sys.stderr)
-    return elapsed, code, usage.ru_maxrss, usage.ru_utime + usage.ru_stime, udev_cpu() - udev
+        journal = subprocess.run(["journalctl", "-n", "15", "-o", "cat", "--no-pager"], capture_output=True, text=True).stdout
+        print(f"bench: {' '.join(argv)} exited {code}: {err[-800:]}\njournal:\n{journal}", file=sys.stderr)
+    return elapsed, code, usage.ru_maxrss, usage.ru_utime + usage.ru_stime, udev_used
 
 
 def switch(label: str, extra: list[str] = ()) -> None:
