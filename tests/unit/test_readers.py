@@ -282,6 +282,7 @@ def test_journal_entries_in_the_native_format(tmp_path):
     assert fields["MESSAGE_ID"] == MESSAGE_IDS["rolled-back"] and fields["PRIORITY"] == "3"
     assert fields["NVIDIA_REASON"] == "uvm" and fields["NVIDIA_HOLDER_PIDS"] == "1 2"
     assert "NVIDIA_MODULES" not in fields and fields["SYSLOG_IDENTIFIER"] == "nvidia-kmod-swap"
+    assert fields["CODE_FUNC"] == "test_journal_entries_in_the_native_format" and fields["CODE_FILE"] == __file__
 
 
 def _depmod_tree(tmp_path):
@@ -438,11 +439,16 @@ def test_journal_entries_through_systemd_python(monkeypatch):
     sent = []
     fake = types.ModuleType("systemd.journal")
 
-    def send(MESSAGE, MESSAGE_ID=None, **kwargs):  # noqa: N803  as python-systemd names them
+    def send(MESSAGE, MESSAGE_ID=None, CODE_FILE=None, CODE_LINE=None, CODE_FUNC=None, **kwargs):  # noqa: N803  as python-systemd names them
         args = ["MESSAGE=" + MESSAGE]
         if MESSAGE_ID is not None:
             args.append("MESSAGE_ID=" + getattr(MESSAGE_ID, "hex", MESSAGE_ID))  # a str or a UUID, as send() does
-        sent.append((MESSAGE, {"MESSAGE_ID": MESSAGE_ID, **kwargs}))
+        if CODE_LINE is CODE_FILE is CODE_FUNC is None:  # send() then looks its caller up in the stack
+            CODE_FILE, CODE_LINE, CODE_FUNC = "<extract_stack>", 0, "<extract_stack>"  # noqa: N806
+        if CODE_LINE is not None:
+            args.append("CODE_LINE={:d}".format(CODE_LINE))  # an int, or send() raises  # noqa: UP032
+        sent.append((MESSAGE, {"MESSAGE_ID": MESSAGE_ID, "CODE_FILE": CODE_FILE, "CODE_LINE": CODE_LINE,
+                               "CODE_FUNC": CODE_FUNC, **kwargs}))
 
     fake.send = send
     package = types.ModuleType("systemd")
@@ -453,6 +459,17 @@ def test_journal_entries_through_systemd_python(monkeypatch):
     message, fields = sent[0]
     assert message == "caf\ufffd refused" and fields["NVIDIA_REASON"] == b"caf\xe9"
     assert fields["MESSAGE_ID"] == MESSAGE_IDS["refused"]
+    # Through a Reporter, the entry names the helper's own place that reported it, not send_systemd
+    # (and send() needs no stack walk for it).
+    from nvidia_kmod_swap.journal import Reporter
+
+    sent.clear()
+    reporter = Reporter("stderr", sender=send_systemd)
+    reporter.to_journal, reporter.also_stderr = True, False
+    reporter.event("refused", "no")
+    line = sys._getframe().f_lineno - 1
+    _, fields = sent[0]
+    assert (fields["CODE_FILE"], fields["CODE_LINE"], fields["CODE_FUNC"]) == (__file__, line, "test_journal_entries_through_systemd_python")
 
 
 def test_status_history_from_the_journal():

@@ -87,8 +87,13 @@ def send_systemd(fields: dict[str, str]) -> bool:
     # MESSAGE_ID must be a str (or UUID): send() adds its `.hex` or itself to "MESSAGE_ID=".
     message = entry.pop("MESSAGE").encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     message_id = entry.pop("MESSAGE_ID")
+    # The caller's place, given: send() only looks it up itself (traceback.extract_stack, which
+    # reads the source through linecache) when none of the three is, and would name this function.
+    code = {key: entry.pop(key) for key in ("CODE_FILE", "CODE_FUNC") if key in entry}
+    line = int(entry.pop("CODE_LINE")) if "CODE_LINE" in entry else None
     try:
-        journal.send(message, MESSAGE_ID=message_id, **{k: v.encode("utf-8", "surrogateescape") for k, v in entry.items()})
+        journal.send(message, MESSAGE_ID=message_id, CODE_LINE=line, **code,
+                     **{k: v.encode("utf-8", "surrogateescape") for k, v in entry.items()})
         return True
     except (OSError, ValueError):
         return False
@@ -112,8 +117,13 @@ class Reporter:
         # only the runs that log to a journal.
         message_id, level = MESSAGE_IDS[event], PRIORITY[priority]
         if self.to_journal:
+            # CODE_*: where the helper decided what it reports (the caller of event), as journal.send
+            # would note its own caller's place.
+            caller = sys._getframe(1)
             entry = {"MESSAGE": message, "MESSAGE_ID": message_id, "PRIORITY": str(level),
-                     "SYSLOG_IDENTIFIER": "nvidia-kmod-swap", "NVIDIA_EVENT": event}
+                     "SYSLOG_IDENTIFIER": "nvidia-kmod-swap", "NVIDIA_EVENT": event,
+                     "CODE_FILE": caller.f_code.co_filename, "CODE_LINE": str(caller.f_lineno),
+                     "CODE_FUNC": caller.f_code.co_name}
             entry.update({f"NVIDIA_{k.upper()}": _text(v) for k, v in fields.items() if v not in (None, "", (), [])})
             if not self.send(entry):
                 self.also_stderr = True
