@@ -36,3 +36,6 @@ def test(machine, bed):
     # `status` reads the last swap back from the journal (systemd.journal.Reader, by MESSAGE_ID).
     status = machine.succeed("nvidia-kmod-swap status")
     assert f"swapped ({old} -> {new})" in status and "deferred since" not in status, status
+    # journald recorded where the helper decided it (journal.send's CODE_* fields, given by the helper).
+    code = machine.succeed("journalctl NVIDIA_EVENT=swapped --no-pager -o json -n 1")
+    assert '"CODE_FUNC":"_swap"' in code.replace(" ", "") and "nvidia_kmod_swap/swap.py" in code, code
