@@ -20,7 +20,6 @@ CONFIG = "/etc/nvidia-kmod-swap/config.json"
 # The helper as the unit runs it: its entries go to the journal (the default target, "auto"), so
 # that systemd-python's import is in the swap's time as it is in the unit's.
 HELPER = ["/usr/bin/nvidia-kmod-swap", "--config", CONFIG]
-NOOP_HELPER = HELPER
 PACKAGES = json.loads(Path("/etc/testbed/packages.json").read_text())["packages"]
 SEED = Path("/usr/local/lib/testbed/seed-script.sh")
 # The helpers of earlier revisions (tests/bench/run --before, --before-swap).
@@ -147,8 +146,8 @@ def noop(label: str, before_too: bool = False) -> dict:
     before_too = before_too and BEFORE.exists()
     argv = before_argv(BEFORE, "auto") if before_too else []
     for _ in range(NOOP_RUNS):
-        t1, r1 = run(NOOP_HELPER + ["check"])
-        t2, r2 = run(NOOP_HELPER + ["swap"])
+        t1, r1 = run(HELPER + ["check"])
+        t2, r2 = run(HELPER + ["swap"])
         helper.append(t1 + t2)
         rss.append(max(r1, r2))
         if before_too:
@@ -191,17 +190,14 @@ def swaps(names: list[str], gpus: int, before_too: bool = False) -> dict:
     for _ in range(SWAP_RUNS):
         for target in ("new", "old"):
             switch(target, extra)
+            t, code, r, own, udev = run_accounted(HELPER + ["swap"], udev=before_too)
+            if code != 0:
+                sys.exit("bench: the helper's swap failed")
+            helper.append(t)
+            rss.append(r)
             if before_too:  # where the time goes, beside the before helper's
-                t, code, r, own, udev = run_accounted(HELPER + ["swap"])
-                if code != 0:
-                    sys.exit("bench: the helper's swap failed")
-                rss.append(r)
                 cpu["helper"].append(own)
                 cpu["helper_udev"].append(udev)
-            else:
-                t, r = run(HELPER + ["swap"])
-                rss.append(r)
-            helper.append(t)
         if before_too:
             for target in ("new", "old"):
                 switch(target, extra)

@@ -8,8 +8,8 @@ one run, on the host (no root, ~30 s).
 Each sample is a fresh interpreter that imports the reader and reads the .modinfo of some of the
 host kernel's real modules (tests/setup installs the kernel), as the helper's full path does once
 per plan: "small" is 8 modules of the sizes a driver's have (what a plan reads), "large" is the
-largest module of the host's kernel (amdgpu.ko, 19 MB: real GPU modules are that size). The three
-run interleaved; the output is one JSON object of medians (ms, max RSS in KiB) and the ratios
+largest module of the host's kernel (amdgpu.ko, 19 MB: a GPU driver's module of that order). The
+three run interleaved; the output is one JSON object of medians (ms), peak RSS (KiB) and the ratios
 after/before and pyelftools/after. The reader's import is in the time: it is paid once per
 full-path process. The pyelftools arm reads .modinfo as tests/unit/test_readers.py's reference
 does, plus the section bounds checks the helper makes (pyelftools does not).
