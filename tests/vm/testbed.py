@@ -80,9 +80,27 @@ def _pack(root: Path, out: Path) -> None:
     tmp.replace(out)
 
 
+# nixpkgs' pyudev (pkgs/development/python-modules/pyudev/default.nix, 0.24.4) loads libudev by
+# its store path: postPatch replaces this call in src/pyudev/_ctypeslib/utils.py, on Linux. Debian's
+# keeps it, and CPython's ctypes.util.find_library runs `/sbin/ldconfig -p` on every call: a
+# process per swap that the NixOS helper does not start. The guest's pyudev is patched the same way.
+PYUDEV_FIND_LIBRARY = "find_library(name)"
+
+
+def _pyudev_as_nixpkgs(root: Path) -> None:
+    utils = root / "usr/lib/python3/dist-packages/pyudev/_ctypeslib/utils.py"
+    libudev = next((root / "usr/lib").glob("*-linux-gnu/libudev.so.1"))
+    text = utils.read_text()
+    if PYUDEV_FIND_LIBRARY not in text:  # as substituteInPlace --replace-fail
+        raise SystemExit(f"testbed: {PYUDEV_FIND_LIBRARY} is not in {utils}: Debian's pyudev changed")
+    utils.write_text(text.replace(PYUDEV_FIND_LIBRARY, repr("/" + str(libudev.relative_to(root)))))
+    # Its bytecode again, by the guest's own Python (py3compile did it at install).
+    subprocess.run(["chroot", str(root), "python3", "-m", "py_compile", "/" + str(utils.relative_to(root))], check=True)
+
+
 def base_image() -> Path:
     """The guest's Debian root as a cpio, built once per set of inputs and cached."""
-    key = _digest(SUITE, GUEST_PACKAGES, TRIM, MASK, "v1")
+    key = _digest(SUITE, GUEST_PACKAGES, TRIM, MASK, PYUDEV_FIND_LIBRARY, "v1")
     out = CACHE / "vm" / f"base-{key}.cpio"
     if out.exists():
         return out
@@ -98,6 +116,7 @@ def base_image() -> Path:
             target = root / "etc/systemd/system" / unit
             target.unlink(missing_ok=True)
             target.symlink_to("/dev/null")
+        _pyudev_as_nixpkgs(root)
         (root / "init").symlink_to("/sbin/init")
         (root / "etc/hostname").write_text("testbed\n")
         (root / "etc/machine-id").write_text("")
