@@ -232,25 +232,32 @@ def swaps(names: list[str], gpus: int, before_too: bool = False) -> dict:
 
 # The stdlib modules the helper's full path imports anyway; each library's cost is what importing
 # it (and, for pyudev, making the helper's Monitor) adds to them.
-STDLIB = "import argparse, ctypes, dataclasses, fcntl, json, pathlib, signal, subprocess, typing"
+STDLIB = "import ctypes, dataclasses, fcntl, json, pathlib, signal, subprocess, typing"
 LIBRARIES = {
     "pyudev": "import pyudev; m = pyudev.Monitor.from_netlink(pyudev.Context(), source='udev'); m.filter_by('module'); m.start()",
     "packaging": "import packaging.version",
     "systemd-python": "from systemd import journal",
 }
+# What argparse costs the helper's command line (its import, gettext's and locale's, and building
+# cli.py's parser), which the units' own command lines no longer pay (quick.parse_unit_argv).
+CLI = f"{STDLIB}; from nvidia_kmod_swap import cli"
+ARGPARSE = f"{CLI}; cli._parser().parse_args(['--config', {CONFIG!r}, 'swap'])"
 
 
 def library_costs(runs: int = 10) -> dict[str, float]:
     """ms each library of the full path adds to a start of the helper, measured here (interleaved
-    medians of fresh interpreters): what the swap pays for them, against the before helper."""
-    argvs = {"stdlib": STDLIB, **{name: f"{STDLIB}; {code}" for name, code in LIBRARIES.items()}}
+    medians of fresh interpreters): what the swap pays for them, against the before helper; and
+    what argparse would add to the unit's swap."""
+    argvs = {"stdlib": STDLIB, **{name: f"{STDLIB}; {code}" for name, code in LIBRARIES.items()},
+             "cli": CLI, "argparse": ARGPARSE}
     samples: dict[str, list[float]] = {name: [] for name in argvs}
     for _ in range(runs):
         for name, code in argvs.items():
             samples[name].append(run(["/usr/bin/python3", "-c", code])[0])
     base = statistics.median(samples["stdlib"])
     return {"stdlib_ms": round(base * 1000),
-            **{f"{name}_ms": round((statistics.median(samples[name]) - base) * 1000) for name in LIBRARIES}}
+            **{f"{name}_ms": round((statistics.median(samples[name]) - base) * 1000) for name in LIBRARIES},
+            "argparse_not_paid_ms": round((statistics.median(samples["argparse"]) - statistics.median(samples["cli"])) * 1000)}
 
 
 def slope(points: dict[int, float]) -> float:

@@ -120,3 +120,51 @@ def test_deeply_nested_config_hands_over(current, tmp_path):
     system, _ = current
     (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     assert try_noop(args(system, tmp_path / "deep.json")) is None
+
+
+# Command lines around the units' own (`--config FILE swap`): parse_unit_argv answers the first
+# list without argparse and hands the second to it; where it answers, argparse must agree.
+UNIT_ARGVS = [
+    ["--config", "/c.json", "swap"], ["--config", "/c.json", "check"], ["--config", "/c.json", "retry-deferred"],
+    ["--config=/c.json", "check"], ["retry-deferred"], ["--root", "/r", "--config", "/c.json", "--log-target", "stderr", "swap"],
+    ["--log-target=journal", "--root=/r", "check"], ["--config", "a", "--config", "b", "swap"],
+    ["--config=-c.json", "swap"], ["--config", "check", "swap"],
+]
+ARGPARSE_ARGVS = [  # argparse reads these otherwise, or refuses them
+    ["--config", "/c.json", "swap", "--retry"], ["swap", "--config", "/c.json"], ["--conf", "/c.json", "swap"],
+    ["--config", "-c.json", "swap"], ["--config=", "swap"], ["--log-target", "syslog", "swap"],
+    ["--config", "/c.json"], ["--config"], [], ["plan"], ["status", "--json"], ["--help"], ["-h", "swap"],
+    ["--", "swap"], ["swap", "check"], ["--config", "/c.json", "swap", "swap"], ["-", "swap"], ["--root"],
+]
+
+
+@pytest.mark.parametrize("argv", UNIT_ARGVS + ARGPARSE_ARGVS, ids=[" ".join(a) or "empty" for a in UNIT_ARGVS + ARGPARSE_ARGVS])
+def test_unit_argv_means_what_argparse_makes_of_it(argv, capsys):
+    from nvidia_kmod_swap import cli
+    from nvidia_kmod_swap.quick import parse_unit_argv
+
+    unit = parse_unit_argv(argv)
+    assert (unit is not None) == (argv in UNIT_ARGVS)
+    try:
+        parsed = vars(cli._parser().parse_args(argv))
+    except SystemExit:
+        parsed = None
+    capsys.readouterr()
+    if unit is not None:
+        assert parsed is not None, f"argparse refuses {argv}"
+        fast = vars(cli._unit_args(unit))
+        assert {k: fast[k] for k in parsed} == parsed
+
+
+def test_swap_path_does_not_import_argparse(tmp_path):
+    """The unit's swap (versions differ) gets past its command line without argparse (nor the
+    gettext and locale it imports); --help still goes through it."""
+    code = ("import sys; from nvidia_kmod_swap.cli import main\n"
+            f"rc = main(['--root', {str(tmp_path)!r}, '--config', {str(tmp_path / 'missing.json')!r}, '--log-target', 'stderr', 'swap'])\n"
+            "print(rc, [m for m in ('argparse', 'gettext', 'locale') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-S", "-c", code], env={"PYTHONPATH": SRC}, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "255 []", out
+    assert "config" in out.stderr
+    out = subprocess.run([sys.executable, "-S", "-m", "nvidia_kmod_swap", "--help"], env={"PYTHONPATH": SRC},
+                         capture_output=True, text=True, check=True)
+    assert "retry-deferred" in out.stdout

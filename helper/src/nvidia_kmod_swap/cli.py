@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import sys
 
-from .quick import STATE_FILE, try_noop
+from .quick import STATE_FILE, parse_unit_argv, try_noop
+from .rules import LOG_TARGETS
 
 TYPE_CHECKING = False  # mypy's always_true: annotations only, the no-op path imports no typing
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"JSON config written by the NixOS module (default: {config_mod.DEFAULT_PATH} under --root)")
     parser.add_argument("--root", type=Path, default=Path("/"),
                         help="prefix for /proc, /sys, /dev, /run, /etc and the state dir (tests, tools)")
-    parser.add_argument("--log-target", choices=("auto", "journal", "stderr"), default="auto",
+    parser.add_argument("--log-target", choices=LOG_TARGETS, default="auto",
                         help="where messages go (default: the journal when it is there, else stderr)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     status = sub.add_parser("status", help="what is loaded, what is expected, who holds the GPU (read-only)")
@@ -73,6 +74,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unit_args(unit_argv: dict[str, str]) -> Any:
+    """The namespace argparse would make of a unit's command line (quick.parse_unit_argv)."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    return SimpleNamespace(command=unit_argv["command"], root=Path(unit_argv["root"]),
+                           config=Path(unit_argv["config"]) if unit_argv["config"] else None,
+                           log_target=unit_argv["log_target"], retry=False, json=False)
+
+
 def main(argv: list[str] | None = None, effects: Effects | None = None) -> int:
     # Versions match (every start of nvidia-persistenced): answer before importing the rest.
     code = try_noop(sys.argv[1:] if argv is None else argv)
@@ -82,7 +93,8 @@ def main(argv: list[str] | None = None, effects: Effects | None = None) -> int:
     from .journal import Reporter
     from .paths import Root
 
-    args = _parser().parse_args(argv)
+    unit_argv = parse_unit_argv(sys.argv[1:] if argv is None else argv)
+    args = _unit_args(unit_argv) if unit_argv is not None else _parser().parse_args(argv)
     root = Root(args.root)
 
     reporter = Reporter("stderr" if args.log_target == "stderr" else args.log_target)

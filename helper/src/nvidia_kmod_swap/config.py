@@ -7,9 +7,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .rules import DEFAULT_MODULES, DEFAULT_STATE_DIR, ConfigError, loads_json, validate
+from .rules import DEFAULT_CONFIG, DEFAULT_MODULES, DEFAULT_STATE_DIR, ConfigError, loads_json, validate
 
-DEFAULT_PATH = Path("/etc/nvidia-kmod-swap/config.json")
+DEFAULT_PATH = Path(DEFAULT_CONFIG)
 
 __all__ = ["Config", "ConfigError", "DEFAULT_PATH", "load", "parse"]
 

@@ -13,9 +13,11 @@ import os
 from .rules import (
     AUTOLOAD_BLOCK,
     CORE,
+    DEFAULT_CONFIG,
     DEFAULT_STATE_DIR,
     DEFERRED_RECORD,
     FIRMWARE_PATH,
+    LOG_TARGETS,
     STATE_FILE,
     TYPE_CHECKING,
     ConfigError,
@@ -31,28 +33,42 @@ from .rules import (
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["STATE_FILE", "try_noop"]
+__all__ = ["STATE_FILE", "parse_unit_argv", "try_noop"]
 
 
-def _parse(argv: list[str]) -> dict[str, str] | None:
-    opts: dict[str, str] = {"--config": "", "--root": "/", "--log-target": "auto"}
-    rest = []
+UNIT_COMMANDS = ("check", "swap", "retry-deferred")
+UNIT_OPTIONS = ("--config", "--root", "--log-target")
+
+
+def parse_unit_argv(argv: list[str]) -> dict[str, str] | None:
+    """The command lines the units run: options (--config, --root, --log-target; `--opt value` or
+    `--opt=value`), then one of UNIT_COMMANDS, nothing after it. They mean what cli.py's argparse
+    parser makes of them, which is not worth importing and building for them (argparse, the
+    gettext and locale it imports, its parser: docs/performance.md). Anything else, and anything argparse
+    might read otherwise (an abbreviated option, a value that starts with "-", an empty value, an
+    unknown log target), is None: argparse parses it, and says what is wrong.
+    Returns {"command", "config" ("" when not given), "root", "log_target"}."""
+    opts = {"--config": "", "--root": "/", "--log-target": "auto"}
     i = 0
-    while i < len(argv):
-        arg = argv[i]
-        key, eq, value = arg.partition("=")
-        if key in opts and eq:
-            opts[key] = value
-        elif arg in opts and i + 1 < len(argv):
-            opts[arg] = argv[i + 1]
+    while i < len(argv) and argv[i].startswith("-"):
+        key, eq, value = argv[i].partition("=")
+        if key not in UNIT_OPTIONS:
+            return None
+        if not eq:
+            if i + 1 >= len(argv):
+                return None
             i += 1
-        else:
-            rest.append(arg)
+            value = argv[i]
+            if value.startswith("-"):
+                return None
+        if not value:
+            return None
+        opts[key] = value
         i += 1
-    if len(rest) != 1 or rest[0] not in ("check", "swap", "retry-deferred"):
+    rest = argv[i:]
+    if len(rest) != 1 or rest[0] not in UNIT_COMMANDS or opts["--log-target"] not in LOG_TARGETS:
         return None
-    return {"command": rest[0], "root": opts["--root"], "log_target": opts["--log-target"],
-            "config": opts["--config"] or os.path.join(opts["--root"], "etc/nvidia-kmod-swap/config.json")}
+    return {"command": rest[0], "config": opts["--config"], "root": opts["--root"], "log_target": opts["--log-target"]}
 
 
 def _read(path: str) -> str | None:
@@ -65,10 +81,10 @@ def _read(path: str) -> str | None:
 
 def try_noop(argv: list[str]) -> int | None:
     """0 when the loaded driver is the profile's and nothing is pending; None: use the full CLI."""
-    args = _parse(argv)
+    args = parse_unit_argv(argv)
     if args is None:
         return None
-    text = _read(args["config"])
+    text = _read(args["config"] or os.path.join(args["root"], DEFAULT_CONFIG.lstrip("/")))
     try:
         config = validate(loads_json(text)) if text is not None else None
     except (ValueError, RecursionError, ConfigError):

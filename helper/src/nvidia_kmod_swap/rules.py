@@ -26,6 +26,8 @@ AUTOLOAD_BLOCK = "/run/modprobe.d/nvidia-kmod-swap.conf"
 # hardware.firmware. The driver loads its GSP firmware from nvidia/<its version>/ there.
 FIRMWARE_PATH = "/sys/module/firmware_class/parameters/path"
 DEFAULT_STATE_DIR = "/run/nvidia-kmod-swap"
+DEFAULT_CONFIG = "/etc/nvidia-kmod-swap/config.json"  # under --root
+LOG_TARGETS = ("auto", "journal", "stderr")
 DEFAULT_MODULES = ("nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm")
 ON_BUSY = ("defer", "fail", "stop-units")
 ON_KERNEL_CHANGE = ("defer", "fail")
