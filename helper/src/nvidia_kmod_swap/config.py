@@ -16,6 +16,8 @@ __all__ = ["Config", "ConfigError", "DEFAULT_PATH", "load", "parse"]
 
 @dataclass(frozen=True)
 class Config:
+    """The NixOS module's JSON config (docs/helper.md), validated by rules.validate."""
+
     driver_version: str
     kernel_release: str
     module_dirs: tuple[str, ...]

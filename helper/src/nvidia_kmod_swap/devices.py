@@ -31,6 +31,8 @@ NV_MAJOR = 195
 
 @dataclass(frozen=True)
 class Node:
+    """A device node the loaded driver should have: its path, the device number it registered, its module."""
+
     path: str
     major: int
     minor: int
@@ -105,6 +107,8 @@ MODPROBE_NODE_DIRS = {"/dev/nvidia-caps": "nvidia-caps", "/dev/nvidia-caps-imex-
 
 @dataclass(frozen=True)
 class NodeFix:
+    """A node nvidia-modprobe made whose major is not the one the loaded driver registered."""
+
     path: str
     major: int | None  # the major to point at now; None: the driver no longer registers one
     minor: int

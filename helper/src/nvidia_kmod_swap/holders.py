@@ -38,6 +38,8 @@ def nvidia_drm_nodes(root: Root) -> frozenset[str]:
 
 @dataclass(frozen=True)
 class Holder:
+    """A process that holds the GPU (a /dev/nvidia* file or an NVIDIA GPU's DRM node open), and its systemd unit."""
+
     pid: int
     comm: str
     path: str

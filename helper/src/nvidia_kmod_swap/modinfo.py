@@ -21,6 +21,8 @@ class ModuleFileError(Exception):
 
 @dataclass(frozen=True)
 class ModInfo:
+    """What `modinfo FILE` shows of a module file (its .modinfo section) that a plan needs."""
+
     path: Path
     name: str
     version: str | None

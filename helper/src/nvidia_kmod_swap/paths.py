@@ -9,6 +9,8 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Root:
+    """The prefix of every system path (/proc, /sys, /dev, /run, /etc): / on a machine, a tree in tests."""
+
     base: Path = Path("/")
 
     @property

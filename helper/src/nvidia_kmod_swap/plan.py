@@ -43,6 +43,8 @@ Inventory = dict[str, list[Candidate]]  # kernel module name -> files, in search
 
 @dataclass(frozen=True)
 class LoadStep:
+    """One module file to load, with its parameters and what its .modinfo says."""
+
     name: str
     path: str
     params: str = ""
@@ -62,6 +64,8 @@ class LoadStep:
 
 @dataclass(frozen=True)
 class Plan:
+    """What a swap would do now (action, unloads, loads, rollback) and why: plan_change's decision."""
+
     action: str
     reason: str
     expected_version: str

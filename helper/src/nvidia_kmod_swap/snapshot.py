@@ -18,6 +18,8 @@ from .rules import driver_closure, holders_closure, parse_proc_modules
 
 @dataclass(frozen=True)
 class LoadedModule:
+    """A loaded module as /proc/modules and /sys/module show it."""
+
     name: str
     version: str | None
     srcversion: str | None
@@ -33,6 +35,8 @@ class LoadedModule:
 
 @dataclass(frozen=True)
 class Snapshot:
+    """The loaded modules, the kernel's release and whether loading is disabled, read at one moment."""
+
     kernel_release: str
     modules: dict[str, LoadedModule] = field(default_factory=dict)
     modules_disabled: bool = False  # /proc/sys/kernel/modules_disabled: no load or unload until reboot

@@ -138,6 +138,8 @@ class SwapState:
 
 @dataclass(frozen=True)
 class LoadedRecord:
+    """The files of the driver this helper loaded last (loaded.json)."""
+
     driver_version: str
     modules: tuple[LoadStep, ...]
 
@@ -147,6 +149,8 @@ class LoadedRecord:
 
 @dataclass(frozen=True)
 class FailedRecord:
+    """A swap that failed and was rolled back: not retried with the same files without --retry."""
+
     driver_version: str
     load: tuple[str, ...]
     reason: str
@@ -192,6 +196,8 @@ class DeferredRecord:
 
 @dataclass(frozen=True)
 class StateDir:
+    """The helper's state directory (config.state_dir): ours and 0700; its records are replaced atomically."""
+
     path: Path
 
     def ensure(self) -> None:

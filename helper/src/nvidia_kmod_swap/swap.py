@@ -105,6 +105,8 @@ def describe_loaded(snapshot: Snapshot, names: Iterable[str]) -> str:
 
 @dataclass
 class Swapper:
+    """Carries out a plan under the lock: unload, load, verify, roll back on failure, recover an interrupted swap."""
+
     root: Root
     config: Config
     effects: Effects
