@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from .quick import STATE_FILE, parse_unit_argv, try_noop
+from .quick import STATE_FILE, noop, parse_unit_argv
 from .rules import LOG_TARGETS
 
 TYPE_CHECKING = False  # mypy's always_true: annotations only, the no-op path imports no typing
@@ -85,15 +85,15 @@ def _unit_args(unit_argv: dict[str, str]) -> Any:
 
 
 def main(argv: list[str] | None = None, effects: Effects | None = None) -> int:
+    unit_argv = parse_unit_argv(sys.argv[1:] if argv is None else argv)
     # Versions match (every start of nvidia-persistenced): answer before importing the rest.
-    code = try_noop(sys.argv[1:] if argv is None else argv)
+    code = noop(unit_argv) if unit_argv is not None else None
     if code is not None:
         return code
     from . import config as config_mod
     from .journal import Reporter
     from .paths import Root
 
-    unit_argv = parse_unit_argv(sys.argv[1:] if argv is None else argv)
     args = _unit_args(unit_argv) if unit_argv is not None else _parser().parse_args(argv)
     root = Root(args.root)
 

@@ -33,7 +33,7 @@ from .rules import (
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["STATE_FILE", "parse_unit_argv", "try_noop"]
+__all__ = ["STATE_FILE", "noop", "parse_unit_argv", "try_noop"]
 
 
 UNIT_COMMANDS = ("check", "swap", "retry-deferred")
@@ -82,8 +82,11 @@ def _read(path: str) -> str | None:
 def try_noop(argv: list[str]) -> int | None:
     """0 when the loaded driver is the profile's and nothing is pending; None: use the full CLI."""
     args = parse_unit_argv(argv)
-    if args is None:
-        return None
+    return None if args is None else noop(args)
+
+
+def noop(args: dict[str, str]) -> int | None:
+    """try_noop for a command line parse_unit_argv has read."""
     text = _read(args["config"] or os.path.join(args["root"], DEFAULT_CONFIG.lstrip("/")))
     try:
         config = validate(loads_json(text)) if text is not None else None
