@@ -26,7 +26,7 @@ import subprocess
 from pathlib import Path
 from typing import Protocol
 
-from .modinfo import read_bytes
+from .modinfo import COMPRESSED, read_bytes
 from .paths import Root
 from .rules import AUTOLOAD_BLOCK, FIRMWARE_PATH
 
@@ -103,7 +103,7 @@ class SystemEffects:
 
     def load(self, path: str, params: str) -> None:
         opts = ctypes.c_char_p(params.encode(errors="surrogateescape"))
-        if path.endswith((".xz", ".zst")):
+        if path.endswith(COMPRESSED):
             image = read_bytes(Path(path))
             buf = ctypes.create_string_buffer(image, len(image))
             self._syscall("load", path, "init_module", buf, ctypes.c_ulong(len(image)), opts)

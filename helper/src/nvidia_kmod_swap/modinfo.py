@@ -46,10 +46,13 @@ def module_name(path: Path) -> str:
     return name.replace("-", "_")
 
 
+COMPRESSED = (".xz", ".zst")  # what kmod decompresses in userspace
+
+
 def read_bytes(path: Path) -> bytes:
     """The module's ELF image, decompressed in userspace as kmod does."""
     data = path.read_bytes()
-    return _decompress(data, path) if path.name.endswith((".xz", ".zst")) else data
+    return _decompress(data, path) if path.name.endswith(COMPRESSED) else data
 
 
 def _decompress(data: bytes, path: Path) -> bytes:
@@ -132,11 +135,11 @@ def parse_modinfo(section: bytes) -> dict[str, list[str]]:
 
 def read_modinfo(path: Path) -> ModInfo:
     try:
-        with open(path, "rb") as f:
-            if path.name.endswith((".xz", ".zst")):  # decompressed whole, as kmod does
-                elf = _decompress(f.read(), path)
-                section = _modinfo_section(lambda offset, length: elf[offset: offset + length], len(elf), path)
-            else:
+        if path.name.endswith(COMPRESSED):  # decompressed whole, as kmod does
+            elf = read_bytes(path)
+            section = _modinfo_section(lambda offset, length: elf[offset: offset + length], len(elf), path)
+        else:
+            with open(path, "rb") as f:
                 fd = f.fileno()
                 section = _modinfo_section(lambda offset, length: os.pread(fd, length, offset), os.fstat(fd).st_size, path)
     except OSError as e:
