@@ -254,7 +254,6 @@ def _plan(root: Root, config: Config, as_json: bool) -> int:
 
 def _status(root: Root, config: Config, as_json: bool) -> int:
     import json
-    from dataclasses import asdict
 
     from .holders import find_holders
     from .plan import direction
@@ -296,7 +295,7 @@ def _status(root: Root, config: Config, as_json: bool) -> int:
             "change": change,
             "modules": [{"name": m.name, "version": m.version, "refcnt": m.refcnt, "holders": sorted(m.holders)}
                         for m in modules],
-            "gpu_holders": [asdict(h) for h in holders],
+            "gpu_holders": [h._asdict() for h in holders],
             "interrupted_swap": pending,
             "last_swap": history["last_swap"],
             "deferred": history["pending"],

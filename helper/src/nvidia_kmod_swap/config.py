@@ -4,8 +4,8 @@ Its keys and their validation are in rules.py, which the no-op fast path shares.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from .rules import DEFAULT_CONFIG, DEFAULT_MODULES, DEFAULT_STATE_DIR, ConfigError, loads_json, validate
 
@@ -14,8 +14,7 @@ DEFAULT_PATH = Path(DEFAULT_CONFIG)
 __all__ = ["Config", "ConfigError", "DEFAULT_PATH", "load", "parse"]
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(NamedTuple):
     """The NixOS module's JSON config (docs/helper.md), validated by rules.validate."""
 
     driver_version: str

@@ -18,8 +18,7 @@ import os
 import stat
 import time
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .paths import Root
 
@@ -29,8 +28,7 @@ if TYPE_CHECKING:
 NV_MAJOR = 195
 
 
-@dataclass(frozen=True)
-class Node:
+class Node(NamedTuple):
     """A device node the loaded driver should have: its path, the device number it registered, its module."""
 
     path: str
@@ -105,8 +103,7 @@ NODE_MODULES = ("nvidia", "nvidia_modeset", "nvidia_uvm")  # the modules whose a
 MODPROBE_NODE_DIRS = {"/dev/nvidia-caps": "nvidia-caps", "/dev/nvidia-caps-imex-channels": "nvidia-caps-imex-channels"}
 
 
-@dataclass(frozen=True)
-class NodeFix:
+class NodeFix(NamedTuple):
     """A node nvidia-modprobe made whose major is not the one the loaded driver registered."""
 
     path: str

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .paths import Root
 
@@ -36,8 +36,7 @@ def nvidia_drm_nodes(root: Root) -> frozenset[str]:
     return frozenset(nodes)
 
 
-@dataclass(frozen=True)
-class Holder:
+class Holder(NamedTuple):
     """A process that holds the GPU (a /dev/nvidia* file or an NVIDIA GPU's DRM node open), and its systemd unit."""
 
     pid: int
@@ -75,12 +74,13 @@ def wait_until_released(root: Root, timeout: float, poll: float) -> bool:
 def find_holders(root: Root) -> list[Holder]:
     holders: list[Holder] = []
     drm_nodes = nvidia_drm_nodes(root)
-    proc = root("/proc")
+    # Plain strings, not Path objects: this reads every process's every fd (hundreds of readlinks).
+    proc = str(root("/proc"))
     for entry in os.scandir(proc):
         if not entry.name.isdigit():
             continue
         pid = int(entry.name)
-        fd_dir = proc / entry.name / "fd"
+        fd_dir = f"{proc}/{entry.name}/fd"
         try:
             fds = os.listdir(fd_dir)
         except OSError:
@@ -88,7 +88,7 @@ def find_holders(root: Root) -> list[Holder]:
         seen: set[str] = set()
         for fd in fds:
             try:
-                target = os.readlink(fd_dir / fd)
+                target = os.readlink(f"{fd_dir}/{fd}")
             except OSError:
                 continue
             if (target.startswith(DEVICE_PREFIXES) or target in drm_nodes) and target not in seen:
@@ -96,11 +96,13 @@ def find_holders(root: Root) -> list[Holder]:
         if not seen:
             continue
         try:
-            comm = (proc / entry.name / "comm").read_text().strip()
+            with open(f"{proc}/{entry.name}/comm", encoding="utf-8", errors="surrogateescape") as f:
+                comm = f.read().strip()
         except OSError:
             comm = "?"
         try:
-            unit = unit_of((proc / entry.name / "cgroup").read_text())
+            with open(f"{proc}/{entry.name}/cgroup", encoding="utf-8", errors="surrogateescape") as f:
+                unit = unit_of(f.read())
         except OSError:
             unit = None
         holders.extend(Holder(pid, comm, path, unit) for path in sorted(seen))

@@ -9,8 +9,8 @@ import mmap
 import os
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 SUFFIXES = (".ko", ".ko.xz", ".ko.zst")
 
@@ -19,8 +19,7 @@ class ModuleFileError(Exception):
     """A module file that cannot be read or is not a kernel module."""
 
 
-@dataclass(frozen=True)
-class ModInfo:
+class ModInfo(NamedTuple):
     """What `modinfo FILE` shows of a module file (its .modinfo section) that a plan needs."""
 
     path: Path

@@ -3,12 +3,11 @@ tests and tools can point the helper at a fake tree with --root."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class Root:
+class Root(NamedTuple):
     """The prefix of every system path (/proc, /sys, /dev, /run, /etc): / on a machine, a tree in tests."""
 
     base: Path = Path("/")

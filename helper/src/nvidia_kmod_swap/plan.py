@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import graphlib
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .config import Config
 from .holders import Holder
@@ -27,8 +26,7 @@ from .snapshot import LoadedModule, Snapshot
 NONE, LOAD, SWAP, DEFER, REFUSE = "none", "load", "swap", "defer", "refuse"
 
 
-@dataclass(frozen=True)
-class Candidate:
+class Candidate(NamedTuple):
     """A module file found on disk: what it parsed to, or why it could not be read."""
 
     path: Path
@@ -41,8 +39,7 @@ class Candidate:
 Inventory = dict[str, list[Candidate]]  # kernel module name -> files, in search order
 
 
-@dataclass(frozen=True)
-class LoadStep:
+class LoadStep(NamedTuple):
     """One module file to load, with its parameters and what its .modinfo says."""
 
     name: str
@@ -62,8 +59,7 @@ class LoadStep:
         return cls(info.name, str(info.path), params, info.version, info.srcversion)
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(NamedTuple):
     """What a swap would do now (action, unloads, loads, rollback) and why: plan_change's decision."""
 
     action: str
@@ -86,10 +82,10 @@ class Plan:
         return self.action in (LOAD, SWAP)
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["load"] = [asdict(step) for step in self.load]
-        data["rollback"] = [asdict(step) for step in self.rollback]
-        data["holders"] = [asdict(h) for h in self.holders]
+        data = self._asdict()
+        data["load"] = [step._asdict() for step in self.load]
+        data["rollback"] = [step._asdict() for step in self.rollback]
+        data["holders"] = [h._asdict() for h in self.holders]
         return data
 
 
@@ -371,8 +367,7 @@ def plan_change(snapshot: Snapshot, config: Config, new: Inventory, old: Invento
                 prerequisites=tuple(prerequisites), direction=how, **base)
 
 
-@dataclass(frozen=True)
-class Restore:
+class Restore(NamedTuple):
     """How to get from the loaded modules to a rollback target: unload only what differs from it
     (users first), keep what already is it, load what is missing. BLOCKED: modules that differ
     and have references no unload can drop (an open /dev/nvidia0): acting would tear down the

@@ -17,9 +17,8 @@ import functools
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .plan import LoadStep
 from .rules import DEFERRED_RECORD, STATE_FILE, driver_record, driver_record_json
@@ -53,7 +52,7 @@ def _steps(value: object, what: str) -> tuple[LoadStep, ...]:
 
 @functools.cache
 def _steps_json(steps: tuple[LoadStep, ...]) -> list[dict[str, Any]]:
-    return [asdict(step) for step in steps]
+    return [step._asdict() for step in steps]
 
 
 def _optional_str(value: object, where: str) -> str | None:
@@ -70,8 +69,7 @@ def _optional_argv(value: object, where: str) -> tuple[str, ...] | None:
     return tuple(value)
 
 
-@dataclass(frozen=True)
-class DriverRecord:
+class DriverRecord(NamedTuple):
     """The loaded driver's firmware path and verify command, noted while its generation was current."""
 
     driver_version: str
@@ -82,31 +80,52 @@ class DriverRecord:
         return driver_record_json(self.driver_version, self.firmware_path, self.verify_command)
 
 
-@dataclass
 class SwapState:
-    """A swap in progress. PHASE: stopping-units, prerequisites, unloading, loading, verifying,
-    rolling-back. CHANGED: some module was unloaded or loaded (before that, nothing to undo)."""
+    """A swap in progress (mutable: the swap updates it before every step). PHASE: stopping-units,
+    prerequisites, unloading, loading, verifying, rolling-back. CHANGED: some module was unloaded or
+    loaded (before that, nothing to undo). STARTED, UPDATED: time.time() (default: now)."""
 
-    expected_version: str
-    loaded_version: str | None
-    load: tuple[LoadStep, ...]
-    rollback: tuple[LoadStep, ...]
-    phase: str = "starting"
-    step: int = 0
-    detail: str = ""
-    changed: bool = False
-    stopped_units: list[str] = field(default_factory=list)
-    reason: str = ""
-    started: float = field(default_factory=time.time)
-    updated: float = field(default_factory=time.time)
-    # The loaded driver's own firmware path and verify command (driver-<version>.json), for the rollback.
-    rollback_firmware_path: str | None = None
-    rollback_verify_command: tuple[str, ...] | None = None
+    FIELDS = ("expected_version", "loaded_version", "load", "rollback", "phase", "step", "detail", "changed",
+              "stopped_units", "reason", "started", "updated", "rollback_firmware_path", "rollback_verify_command")
+    __slots__ = FIELDS
+
+    def __init__(self, expected_version: str, loaded_version: str | None, load: tuple[LoadStep, ...],
+                 rollback: tuple[LoadStep, ...], phase: str = "starting", step: int = 0, detail: str = "",
+                 changed: bool = False, stopped_units: list[str] | None = None, reason: str = "",
+                 started: float | None = None, updated: float | None = None,
+                 rollback_firmware_path: str | None = None,
+                 rollback_verify_command: tuple[str, ...] | None = None) -> None:
+        now = time.time()
+        self.expected_version = expected_version
+        self.loaded_version = loaded_version
+        self.load = load
+        self.rollback = rollback
+        self.phase = phase
+        self.step = step
+        self.detail = detail
+        self.changed = changed
+        self.stopped_units: list[str] = [] if stopped_units is None else stopped_units
+        self.reason = reason
+        self.started = now if started is None else started
+        self.updated = now if updated is None else updated
+        # The loaded driver's own firmware path and verify command (driver-<version>.json), for the rollback.
+        self.rollback_firmware_path = rollback_firmware_path
+        self.rollback_verify_command = rollback_verify_command
+
+    def __repr__(self) -> str:
+        return f"SwapState({', '.join(f'{name}={getattr(self, name)!r}' for name in self.FIELDS)})"
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not SwapState:
+            return NotImplemented
+        return all(getattr(self, name) == getattr(other, name) for name in self.FIELDS)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
 
     def to_json(self) -> dict[str, Any]:
         # Written before every step of a swap, while the GPU may have no driver: the fields as they
-        # are and the module steps converted once per run, not asdict's deep copy of it all each time.
-        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        # are and the module steps converted once per run, not a deep copy of it all each time.
+        data = {name: getattr(self, name) for name in self.FIELDS}
         data["load"], data["rollback"] = _steps_json(self.load), _steps_json(self.rollback)
         data["format"] = FORMAT
         return data
@@ -128,6 +147,9 @@ class SwapState:
                        _steps(data["rollback"], f"{where}: rollback"), str(data.get("phase", "")),
                        int(data.get("step", 0)), str(data.get("detail", "")), bool(data.get("changed", True)),
                        list(units), str(data.get("reason", "")),
+                       # when the interrupted swap started and last noted a step (now, for an older record)
+                       started=float(data["started"]) if "started" in data else None,
+                       updated=float(data["updated"]) if "updated" in data else None,
                        rollback_firmware_path=_optional_str(data.get("rollback_firmware_path"), where),
                        rollback_verify_command=_optional_argv(data.get("rollback_verify_command"), where))
         except KeyError as e:
@@ -136,19 +158,17 @@ class SwapState:
             raise StateError(f"{where}: {e}") from e
 
 
-@dataclass(frozen=True)
-class LoadedRecord:
+class LoadedRecord(NamedTuple):
     """The files of the driver this helper loaded last (loaded.json)."""
 
     driver_version: str
     modules: tuple[LoadStep, ...]
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT, "driver_version": self.driver_version, "modules": [asdict(m) for m in self.modules]}
+        return {"format": FORMAT, "driver_version": self.driver_version, "modules": [m._asdict() for m in self.modules]}
 
 
-@dataclass(frozen=True)
-class FailedRecord:
+class FailedRecord(NamedTuple):
     """A swap that failed and was rolled back: not retried with the same files without --retry."""
 
     driver_version: str
@@ -163,20 +183,19 @@ class FailedRecord:
         return {"driver_version": self.driver_version, "load": list(self.load), "reason": self.reason}
 
 
-@dataclass(frozen=True)
-class DeferredRecord:
+class DeferredRecord(NamedTuple):
     """A deferred swap. WAITS_FOR: "idle" (processes hold the GPU) or "reboot" (a new kernel)."""
 
     expected_version: str
     loaded_version: str | None
     waits_for: str
     reason: str
-    holder_pids: tuple[int, ...] = ()
-    holder_units: tuple[str, ...] = ()
-    since: float = field(default_factory=time.time)
+    holder_pids: tuple[int, ...]
+    holder_units: tuple[str, ...]
+    since: float  # time.time() of the first deferral of this swap
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = self._asdict()
         data["format"] = FORMAT
         return data
 
@@ -194,8 +213,7 @@ class DeferredRecord:
             raise StateError(f"{where}: {e}") from e
 
 
-@dataclass(frozen=True)
-class StateDir:
+class StateDir(NamedTuple):
     """The helper's state directory (config.state_dir): ours and 0700; its records are replaced atomically."""
 
     path: Path
@@ -231,15 +249,20 @@ class StateDir:
 
     def write(self, name: str, data: dict[str, Any]) -> None:
         """Atomically (temp file, fsync, rename, fsync of the directory); OSError when it cannot."""
-        tmp = self.path / f".{name}.tmp"
+        tmp = f"{self.path}/.{name}.tmp"
+        # json.dumps without indent: the C encoder (json.dump and any indent use the Python one).
+        # ASCII (ensure_ascii), written as bytes: no text file object per record (one per swap step).
+        raw = json.dumps(data).encode()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            with os.fdopen(fd, "w") as f:
-                # json.dumps without indent: the C encoder (json.dump and any indent use the Python one)
-                f.write(json.dumps(data))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path / name)
+            try:
+                view = memoryview(raw)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, f"{self.path}/{name}")
         except BaseException:
             try:
                 os.unlink(tmp)

@@ -17,7 +17,6 @@ import signal
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
@@ -82,7 +81,8 @@ def defer(reporter: Reporter, state: StateDir, plan: Plan, message: str, **field
     """A deferral, from `check` or from `swap`: recorded in the state dir for `retry-deferred` and
     `status` (best effort: a deferral must not fail on its bookkeeping), and reported."""
     record = DeferredRecord(plan.expected_version, plan.loaded_version, plan.waits_for or "idle", plan.reason,
-                            tuple(h.pid for h in plan.holders), tuple(sorted({h.unit for h in plan.holders if h.unit})))
+                            tuple(h.pid for h in plan.holders), tuple(sorted({h.unit for h in plan.holders if h.unit})),
+                            time.time())
     since: float | None
     try:
         state.ensure()
@@ -103,19 +103,24 @@ def describe_loaded(snapshot: Snapshot, names: Iterable[str]) -> str:
     return ", ".join(parts) or "nothing"
 
 
-@dataclass
+_FROM_ENV = -1  # kill_at_step's default: the failpoint in FAILPOINT_ENV, if any
+
+
 class Swapper:
     """Carries out a plan under the lock: unload, load, verify, roll back on failure, recover an interrupted swap."""
 
-    root: Root
-    config: Config
-    effects: Effects
-    reporter: Reporter
-    lock_timeout_s: float | None = None  # default: config.lock_timeout_s
-    retry: bool = False
-    kill_at_step: int | None = field(default_factory=lambda: _env_int(FAILPOINT_ENV))
-    _step: int = 0
-    _terminated: bool = False
+    def __init__(self, root: Root, config: Config, effects: Effects, reporter: Reporter,
+                 lock_timeout_s: float | None = None, retry: bool = False,
+                 kill_at_step: int | None = _FROM_ENV) -> None:
+        self.root = root
+        self.config = config
+        self.effects = effects
+        self.reporter = reporter
+        self.lock_timeout_s = lock_timeout_s  # default: config.lock_timeout_s
+        self.retry = retry
+        self.kill_at_step = _env_int(FAILPOINT_ENV) if kill_at_step == _FROM_ENV else kill_at_step
+        self._step = 0
+        self._terminated = False
 
     @property
     def state(self) -> StateDir:
