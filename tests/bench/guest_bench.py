@@ -232,7 +232,7 @@ def swaps(names: list[str], gpus: int, before_too: bool = False) -> dict:
 
 # The stdlib modules the helper's full path imports anyway; each library's cost is what importing
 # it (and, for pyudev, making the helper's Monitor) adds to them.
-STDLIB = "import ctypes, dataclasses, fcntl, json, pathlib, signal, subprocess, typing"
+STDLIB = "import ctypes, fcntl, json, pathlib, signal, subprocess, typing"
 LIBRARIES = {
     "pyudev": "import pyudev; m = pyudev.Monitor.from_netlink(pyudev.Context(), source='udev'); m.filter_by('module'); m.start()",
     "packaging": "import packaging.version",
