@@ -9,6 +9,7 @@ import time
 from typing import NamedTuple
 
 from .paths import Root
+from .snapshot import read_text
 
 DEVICE_PREFIXES = ("/dev/nvidia",)
 DRM_CLASS = "/sys/class/drm"
@@ -96,14 +97,15 @@ def find_holders(root: Root) -> list[Holder]:
         if not seen:
             continue
         try:
-            with open(f"{proc}/{entry.name}/comm", encoding="utf-8", errors="surrogateescape") as f:
-                comm = f.read().strip()
+            comm = read_text(f"{proc}/{entry.name}/comm")
         except OSError:
-            comm = "?"
+            comm = None
         try:
-            with open(f"{proc}/{entry.name}/cgroup", encoding="utf-8", errors="surrogateescape") as f:
-                unit = unit_of(f.read())
+            cgroup = read_text(f"{proc}/{entry.name}/cgroup")
         except OSError:
-            unit = None
+            cgroup = None
+        unit = unit_of(cgroup) if cgroup is not None else None
+        if comm is None:  # the process is gone, or not ours to read
+            comm = "?"
         holders.extend(Holder(pid, comm, path, unit) for path in sorted(seen))
     return sorted(holders, key=lambda h: (h.pid, h.path))

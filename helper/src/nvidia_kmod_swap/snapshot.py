@@ -51,7 +51,7 @@ class Snapshot(NamedTuple):
         return holders_closure({name: m.holders for name, m in self.modules.items()}, names)
 
 
-def read_text(path: Path) -> str | None:
+def read_text(path: str | Path) -> str | None:
     """A small system file as text (undecodable bytes kept as surrogates, as kmod keeps bytes),
     stripped; None when it does not exist."""
     try:
