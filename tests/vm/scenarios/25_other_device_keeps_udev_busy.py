@@ -3,7 +3,8 @@ for udev's whole queue. Another device's rule runs a program for 30 s (a slow RU
 network rule may have) and is still being processed while the unit swaps: the swap finishes within
 settle_timeout_s (10 s) with the nodes made, while udev is still busy with the other device.
 Waiting for udev's queue to drain (/run/udev/queue, what `udevadm settle` waits for) would wait
-past settle_timeout_s, fail, and roll back."""
+past settle_timeout_s and fail, and so would the rollback, which waits the same way (seen: the
+unit's swap exited 4 with the Monitor disabled)."""
 
 # Keeps one udev worker busy for 30 s on a "change" event of /dev/zero (a device every guest has);
 # the files it touches say, from udev's side, when the program started and whether it has ended.
