@@ -177,13 +177,25 @@ def bare_swap(to: str, names: list[str], params: str) -> None:
             sys.exit(f"bench: {node} missing after a bare swap")
 
 
+def configure(names: list[str], params: str) -> list[str]:
+    """The nvidia options the swaps load with (a modprobe.d file, which the helper reads), and the
+    switch-driver arguments that make NAMES the configured modules."""
+    Path("/etc/modprobe.d/bench.conf").write_text(f"options nvidia {params}\n" if params else "")
+    modules = [n.replace("-", "_") for n in names]
+    return ["--set", f"modules={json.dumps(modules)}"]
+
+
+def assert_gpus(gpus: int) -> None:
+    """The loaded driver drives GPUS fake GPUs: the swaps ran with the options configure() wrote."""
+    count = len(list(Path("/proc/driver/nvidia/gpus").iterdir()))
+    assert count == gpus, f"{count} GPUs, expected {gpus}"
+
+
 def swaps(names: list[str], gpus: int, before_too: bool = False) -> dict:
     """Full swaps old<->new by the helper vs. the same rmmod/insmod by hand (and, BEFORE_TOO, by
     the helper of --before-swap); interleaved."""
     params = f"gpus={gpus}" if gpus != 1 else ""
-    Path("/etc/modprobe.d/bench.conf").write_text(f"options nvidia {params}\n" if params else "")
-    modules = [n.replace("-", "_") for n in names]
-    extra = ["--set", f"modules={json.dumps(modules)}"]
+    extra = configure(names, params)
     helper, bare, rss, before, before_failed = [], [], [], [], 0
     cpu: dict[str, list[float]] = {"helper": [], "helper_udev": [], "before": [], "before_udev": []}
     before_too = before_too and BEFORE_SWAP.exists()
@@ -214,8 +226,7 @@ def swaps(names: list[str], gpus: int, before_too: bool = False) -> dict:
             start = time.perf_counter()
             bare_swap(target, names, params)
             bare.append(time.perf_counter() - start)
-    count = len(list(Path("/proc/driver/nvidia/gpus").iterdir()))
-    assert count == gpus, f"{count} GPUs, expected {gpus}"
+    assert_gpus(gpus)
     result = {"helper_ms": median_ms(helper), "bare_ms": median_ms(bare), "max_rss_kib": max(rss),
               "samples_ms": {"helper": ms(helper), "bare": ms(bare), **({"before": ms(before)} if before else {})}}
     if before_too:
@@ -230,19 +241,20 @@ def swaps(names: list[str], gpus: int, before_too: bool = False) -> dict:
     return result
 
 
-# Another device's udev event that keeps a worker busy for BUSY_RULE_S (tests/bench/run installs
-# the rule: a RUN+= program on a "change" event of /dev/zero), as a slow disk or network rule may.
+# Another device's udev event that keeps a worker busy for BUSY_RULE_S, as a slow disk or network
+# rule may: a RUN+= program on a "change" event of /dev/zero, installed for busy_udev_swaps only.
 BUSY_DEVICE = "/sys/devices/virtual/mem/zero"
 BUSY_RULE_S = 4
-BUSY_RULE = "/etc/udev/rules.d/99-bench-busy-device.rules"
+BUSY_RULE = Path("/etc/udev/rules.d/99-bench-busy-device.rules")
 
 
 def busy_udev_swaps(names: list[str]) -> dict:
     """1-GPU swaps old<->new by today's helper and the before one, interleaved, each started while
     udev runs another device's slow rule: what waiting for the modules' own processed events
     (today) instead of for udev's whole queue (before: /run/udev/queue) is worth."""
-    modules = [n.replace("-", "_") for n in names]
-    extra = ["--set", f"modules={json.dumps(modules)}"]
+    extra = configure(names, "")  # 1 GPU, whatever the scaling runs left
+    BUSY_RULE.write_text(f'ACTION=="change", SUBSYSTEM=="mem", KERNEL=="zero", RUN+="/bin/sleep {BUSY_RULE_S}"\n')
+    subprocess.run(["udevadm", "control", "--reload"], check=True)
     walls: dict[str, list[float]] = {"helper": [], "before": []}
     busy_at_end: dict[str, int] = {"helper": 0, "before": 0}
     for _ in range(SWAP_RUNS):
@@ -258,6 +270,9 @@ def busy_udev_swaps(names: list[str]) -> dict:
                 busy_at_end[who] += os.path.exists("/run/udev/queue")  # udev still busy when it returned
                 walls[who].append(t)
                 subprocess.run(["udevadm", "settle"], check=True)  # the other device's event ends, untimed
+    BUSY_RULE.unlink()
+    subprocess.run(["udevadm", "control", "--reload"], check=True)
+    assert_gpus(1)
     return {"busy_rule_s": BUSY_RULE_S, "helper_ms": median_ms(walls["helper"]), "before_helper_ms": median_ms(walls["before"]),
             "udev_still_busy_at_exit": busy_at_end, "samples_ms": {k: ms(v) for k, v in walls.items()},
             "vs_before": paired_ratio(walls["helper"], walls["before"])}
@@ -324,9 +339,8 @@ def main() -> int:
     if "before_failed" in out["swap_gpus_1"]:
         out["swap_ratio_vs_before"] = out["swap_gpus_1"].get("vs_before")
         out["before_swap_revision"] = Path("/etc/testbed/before-swap-rev").read_text().strip()
-        if Path(BUSY_RULE).exists():
-            out["swap_udev_busy"] = busy_udev_swaps(DRIVER)
-            out["swap_ratio_vs_before_udev_busy"] = out["swap_udev_busy"]["vs_before"]
+        out["swap_udev_busy"] = busy_udev_swaps(DRIVER)
+        out["swap_ratio_vs_before_udev_busy"] = out["swap_udev_busy"]["vs_before"]
     if not BEFORE_AFTER_ONLY:
         out["swap_ms_per_gpu"] = slope(scale_swap)
         out["bare_ms_per_gpu"] = slope(scale_bare)
