@@ -437,6 +437,14 @@ class Machine:
         """Load address of each module: it changes when a module is unloaded and loaded again."""
         return {f[0]: f[5] for f in (line.split() for line in self.succeed("cat /proc/modules").splitlines())}
 
+    def assert_driver_nodes(self) -> None:
+        """/dev/nvidiactl, /dev/nvidia0 and /dev/nvidia-uvm exist with the device numbers the loaded
+        driver registered (195:255, 195:0, and nvidia-uvm's dynamic major from /proc/devices)."""
+        self.succeed("test \"$(stat -c %t:%T /dev/nvidiactl)\" = c3:ff")
+        self.succeed("test \"$(stat -c %t:%T /dev/nvidia0)\" = c3:0")
+        uvm_major = int(self.succeed("awk '$2 == \"nvidia-uvm\" {print $1}' /proc/devices"))
+        self.succeed(f"test \"$(stat -c %t /dev/nvidia-uvm)\" = {uvm_major:x}")
+
     def loaded_modules(self) -> dict[str, str]:
         """name -> the modules using it, from /proc/modules (the kernel's own view)."""
         mods = {}

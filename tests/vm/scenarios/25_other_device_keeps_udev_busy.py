@@ -30,10 +30,7 @@ def test(machine, bed):
     for module in ("nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm"):
         assert machine.module_version(module) == new, (module, machine.module_version(module))
     # The nodes udev's rules made for the new driver are there, with its device numbers.
-    machine.succeed("test \"$(stat -c %t:%T /dev/nvidiactl)\" = c3:ff")
-    machine.succeed("test \"$(stat -c %t:%T /dev/nvidia0)\" = c3:0")
-    uvm_major = int(machine.succeed("awk '$2 == \"nvidia-uvm\" {print $1}' /proc/devices"))
-    machine.succeed(f"test \"$(stat -c %t /dev/nvidia-uvm)\" = {uvm_major:x}")
+    machine.assert_driver_nodes()
     journal = machine.journal("-u nvidia-persistenced")
     assert f"NVIDIA driver {new} loaded (upgrade from {old})" in journal, journal
     assert "rolled back" not in journal and "not ready" not in journal, journal
