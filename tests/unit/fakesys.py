@@ -374,10 +374,21 @@ class FakeEffects:
     def _opener_autoloads(self) -> None:
         if self.autoload_from is None or "nvidia" in self.system.modules:
             return
-        for conf in self.system.modprobe_confs():
-            if any(line.split()[:2] == ["install", "nvidia"] for line in conf.read_text().splitlines()):
+        # kmod runs the first `install nvidia` line in file-name order (libkmod-config.c sorts the
+        # files of all modprobe.d directories by name; libkmod-module.c takes the first command):
+        # `false` blocks the load, an insmod of a file loads that file.
+        source = self.autoload_from
+        for conf in sorted(self.system.modprobe_confs(), key=lambda p: p.name):
+            words = next((line.split() for line in conf.read_text().splitlines()
+                          if line.split()[:2] == ["install", "nvidia"]), None)
+            if words is None:
+                continue
+            insmod = next((i for i, w in enumerate(words) if w.endswith("/insmod")), None)
+            if insmod is None:
                 return
-        info = read_modinfo(self.autoload_from)
+            source = Path(words[insmod + 1])
+            break
+        info = read_modinfo(source)
         self.system.add(info.name, info.version, info.depends, info.srcversion)
         self.autoloads += 1
 
@@ -400,6 +411,9 @@ class FakeEffects:
 
     def block_autoload(self, modules: list[str]) -> None:
         SystemEffects(self.system.root).block_autoload(modules)  # a file write: the real one
+
+    def route_by_name(self, text: str | None) -> None:
+        SystemEffects(self.system.root).route_by_name(text)  # a file write: the real one
 
     def set_firmware_path(self, path: str) -> None:
         self.system.firmware_path = path

@@ -6,7 +6,8 @@
   replace a node nvidia-modprobe made (nvidia-caps) with one of the new major;
 - firmware: the firmware loader's search path, for the driver about to initialise a GPU;
 - module autoload: a modprobe.d file that keeps the kernel and nvidia-modprobe from loading the
-  booted driver while none is loaded;
+  booted driver while none is loaded, and one that routes later loads by name to the loaded
+  driver's files (byname.py);
 - systemd units: systemctl stop/start;
 - the verify command;
 - the Nix GC roots that keep the loaded driver's files.
@@ -26,6 +27,7 @@ import subprocess
 from pathlib import Path
 from typing import Protocol
 
+from .byname import BY_NAME_RULES
 from .modinfo import COMPRESSED, read_bytes
 from .paths import Root
 from .rules import AUTOLOAD_BLOCK, FIRMWARE_PATH
@@ -70,9 +72,22 @@ class Effects(Protocol):
     def block_autoload(self, modules: list[str]) -> None: ...
     def set_firmware_path(self, path: str) -> None: ...
     def unblock_autoload(self) -> None: ...
+    def route_by_name(self, text: str | None) -> None: ...
     def systemctl(self, args: list[str]) -> None: ...
     def run_command(self, argv: list[str], timeout: float) -> tuple[int, str]: ...
     def set_gc_roots(self, directory: str, targets: dict[str, str]) -> None: ...
+
+
+# kmod's tools, first where NixOS has them: /run/current-system/sw/bin outlives any one generation's
+# store path, which a garbage collection may remove while a modprobe.d line still names it.
+KMOD_DIRS = ("/run/current-system/sw/bin", "/usr/sbin", "/sbin")
+
+
+def kmod_tool(name: str) -> str:
+    """The path of kmod's NAME (modprobe, insmod): the first that exists, else NixOS's (modprobe.nix
+    puts kmod in environment.systemPackages), which a modprobe.d line may name before it exists."""
+    candidates = tuple(f"{d}/{name}" for d in KMOD_DIRS)
+    return next((c for c in candidates if os.access(c, os.X_OK)), candidates[0])
 
 
 def _tool(candidates: tuple[str, ...], name: str) -> str:
@@ -120,11 +135,11 @@ class SystemEffects:
 
     def load_by_name(self, name: str) -> None:
         """A module of the running kernel (e.g. drm) that the new driver needs: modprobe finds it."""
+        modprobe = kmod_tool("modprobe")
         try:
-            modprobe = _tool(("/run/current-system/sw/bin/modprobe", "/usr/sbin/modprobe", "/sbin/modprobe"), "modprobe")
-        except EffectError as e:
-            raise KmodError("modprobe", name, 0, str(e)) from e
-        proc = subprocess.run([modprobe, "--", name], capture_output=True, text=True, errors="surrogateescape")
+            proc = subprocess.run([modprobe, "--", name], capture_output=True, text=True, errors="surrogateescape")
+        except OSError as e:
+            raise KmodError("modprobe", name, 0, f"{modprobe}: {e.strerror}") from e
         if proc.returncode != 0:
             raise KmodError("modprobe", name, 0, proc.stderr.strip() or f"exit {proc.returncode}")
 
@@ -172,6 +187,17 @@ class SystemEffects:
 
     def unblock_autoload(self) -> None:
         self.root(AUTOLOAD_BLOCK).unlink(missing_ok=True)
+
+    def route_by_name(self, text: str | None) -> None:
+        """BY_NAME_RULES holds TEXT afterwards (replaced in one rename), or is gone for None."""
+        path = self.root(BY_NAME_RULES)
+        if text is None:
+            path.unlink(missing_ok=True)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
     # -- firmware ----------------------------------------------------------------------------------
     def set_firmware_path(self, path: str) -> None:

@@ -9,9 +9,9 @@ from pathlib import Path
 from . import holders as holders_mod
 from . import params as params_mod
 from .config import Config
-from .modinfo import ModuleFileError, ModuleFiles, module_name, read_modinfo
+from .modinfo import SUFFIXES, ModInfo, ModuleFileError, ModuleFiles, module_name, read_modinfo
 from .paths import Root
-from .plan import Candidate, Inventory, Plan, foreign_modules, plan_change, refuse_repeat, stale_modules, triage
+from .plan import Candidate, Inventory, LoadStep, Plan, foreign_modules, plan_change, refuse_repeat, stale_modules, triage
 from .rules import CORE
 from .snapshot import Snapshot, read_snapshot
 from .state import FAILED_RECORD, StateDir
@@ -65,6 +65,37 @@ def new_inventory(files: ModuleFiles, wanted: Iterable[str], driver_version: str
         if info is not None and (name in roots or info.version == driver_version):
             todo.extend(info.depends)
     return found
+
+
+def driver_modules(loaded: Iterable[LoadStep], version: str) -> list[ModInfo]:
+    """The modules a loaded driver ships: the files loaded (resolved) and, beside them, the files
+    of its version that are not loaded now (nvidia_peermem, nvidia_vgpu_vfio, an unloaded
+    nvidia_uvm). A file that cannot be read is left out."""
+    found: dict[str, ModInfo] = {}
+    dirs: dict[Path, None] = {}
+    for step in loaded:
+        path = Path(os.path.realpath(step.path))
+        try:
+            found[step.name] = read_modinfo(path)
+        except (OSError, ModuleFileError):
+            continue
+        dirs[path.parent] = None
+    for directory in dirs:
+        try:
+            entries = sorted(os.listdir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            path = directory / entry
+            if not entry.endswith(SUFFIXES) or module_name(path) in found:
+                continue
+            try:
+                info = read_modinfo(path)
+            except (OSError, ModuleFileError):
+                continue
+            if info.version == version:
+                found[info.name] = info
+    return list(found.values())
 
 
 def make_plan(root: Root, config: Config, snapshot: Snapshot | None = None, retry: bool = False) -> Plan:

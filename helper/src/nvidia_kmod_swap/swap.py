@@ -20,12 +20,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
-from . import devices
+from . import byname, devices
 from .config import Config
-from .effects import EffectError, Effects, KmodError
-from .facts import make_plan
+from .effects import EffectError, Effects, KmodError, kmod_tool
+from .facts import driver_modules, make_plan
 from .holders import wait_until_released
 from .journal import Reporter
+from .modinfo import ModuleFiles
 from .paths import Root
 from .plan import DEFER, NONE, REFUSE, LoadStep, Plan, allowed, plan_restore, q, restore_problems
 from .rules import AUTOLOAD_BLOCK, CORE, FIRMWARE_PATH
@@ -379,25 +380,57 @@ class Swapper:
             return None
 
     def _finish(self, load: tuple[LoadStep, ...], version: str) -> None:
-        self.state.write(LOADED_RECORD, LoadedRecord(version, load).to_json())
+        # The files themselves, not their links in the generation's module tree (aggregateModules):
+        # a GC of that generation must not take the next swap's rollback source with it.
+        resolved = tuple(s._replace(path=os.path.realpath(s.path)) for s in load)
+        self.state.write(LOADED_RECORD, LoadedRecord(version, resolved).to_json())
+        firmware = self._firmware_path()
         try:
-            self.state.write_driver(DriverRecord(version, self._firmware_path(), self.config.verify_command))
+            self.state.write_driver(DriverRecord(version, firmware, self.config.verify_command))
         except OSError as e:
             self.reporter.event("step", f"could not note the driver's firmware path ({e.strerror})", "warning")
         self.state.remove(STATE_FILE)
-        self._keep_on_disk(load)
+        self._keep_on_disk(resolved, firmware, self.config.verify_command)
+        self._route_by_name(resolved, version)
 
-    def _keep_on_disk(self, load: tuple[LoadStep, ...]) -> None:
-        """A GC root per loaded module file, so that a garbage collection cannot delete the files
-        of the running driver (the next swap's rollback source); the previous ones are dropped."""
+    def _keep_on_disk(self, load: tuple[LoadStep, ...], firmware: str | None,
+                      verify: tuple[str, ...] | None) -> None:
+        """GC roots for everything a rollback to the loaded driver needs: each module file, its
+        firmware directory and its verify command (a generation's hardware.firmware environment
+        and nvidia-smi are store paths of that generation alone); the previous roots are dropped."""
         if not self.config.gc_root_dir:
             return
-        resolved = {s.name: Path(os.path.realpath(s.path)) for s in load}
+        wanted = {s.name: s.path for s in load}
+        if firmware:
+            wanted["firmware"] = firmware
+        if verify:
+            wanted["verify-command"] = verify[0]
+        resolved = {n: Path(os.path.realpath(p)) for n, p in wanted.items()}
         targets = {n: str(p) for n, p in resolved.items() if allowed(p, self.config.allowed_prefixes)}
         try:
             self.effects.set_gc_roots(self.config.gc_root_dir, targets)
         except (OSError, EffectError) as e:
             self.reporter.event("step", f"could not update the GC roots in {self.config.gc_root_dir}: {e}", "warning")
+
+    def _route_by_name(self, load: tuple[LoadStep, ...], version: str | None) -> None:
+        """Later loads by name (modprobe) get the loaded driver's files, not the booted tree's
+        (byname.py); nothing to route when the loaded driver is the booted one."""
+        try:
+            modules = driver_modules(load, version) if load and version else []
+            booted = ModuleFiles(self.config.rollback_dirs)
+            first = {m.name: booted.get(m.name)[:1] for m in modules}
+            lines = byname.install_lines(modules, {n: os.path.realpath(p[0]) for n, p in first.items() if p},
+                                         kmod_tool("modprobe"), kmod_tool("insmod")) if modules else []
+            self.effects.route_by_name(byname.rules_text(lines, version or ""))
+        except (OSError, EffectError) as e:
+            self.reporter.event("step", f"could not route loads by name to the loaded driver ({byname.BY_NAME_RULES}): "
+                                f"{e}; `modprobe` of a driver module that is not loaded gets the booted driver's "
+                                "file until the next boot", "warning")
+            return
+        if lines:
+            names = ", ".join(line.split(" ", 2)[1] for line in lines)
+            self.reporter.event("step", f"loads by name of {names} get the files of {version} until the next boot "
+                                f"({byname.BY_NAME_RULES})", "info")
 
     def _verify(self, load: tuple[LoadStep, ...], expected: str, watch: devices.UdevWatch | None = None) -> None:
         snapshot = read_snapshot(self.root)
@@ -486,7 +519,9 @@ class Swapper:
                 except SwapFailed as e:
                     return self._rollback_failed(swap, reason, after, f"the rolled-back driver does not work: {e}")
         self.state.remove(STATE_FILE)
-        self._keep_on_disk(target)
+        firmware = swap.rollback_firmware_path if swap.rollback_firmware_path is not None else self._firmware_path()
+        self._keep_on_disk(target, firmware, swap.rollback_verify_command)
+        self._route_by_name(target, swap.loaded_version)
         shown = describe_loaded(after, [s.name for s in target]) if target else "no NVIDIA module"
         self.reporter.event("rolled-back", f"rolled back: the NVIDIA driver {old} is loaded again (sysfs: {shown}; "
                             f"kept {len(restore.keep)}, reloaded {len(restore.load)}). Cause: {reason}", "err",
