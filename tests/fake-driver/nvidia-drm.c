@@ -9,6 +9,7 @@
  * /sys/class/drm/card<N>/device/driver/module names the NVIDIA module it belongs to.
  */
 #include <linux/module.h>
+#include <linux/version.h>
 #include <linux/platform_device.h>
 #include <drm/drm_drv.h>
 #include <drm/drm_file.h>
@@ -35,7 +36,11 @@ static const struct drm_driver fake_drm_driver = {
 	.fops = &fake_drm_fops,
 	.name = "nvidia-drm",
 	.desc = "NVIDIA DRM driver (fake)",
+#if LINUX_VERSION_CODE < KERNEL_VERSION(6, 14, 0)
+	/* Linux 6.14 removed drm_driver.date (commit 7fb8af6798e8); NVIDIA's conftest probes it as
+	 * drm_driver_has_date (kernel-open/conftest.sh). */
 	.date = "20160202",
+#endif
 	.major = 0,
 	.minor = 0,
 };
