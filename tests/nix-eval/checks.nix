@@ -29,12 +29,20 @@ let
       outPath = "/nix/store/${builtins.substring 0 32 (builtins.hashString "sha256" name)}-${name}";
     }
     // extra;
+  # generic.nix (NixOS/nixpkgs 37f8b96b): `inherit version useGLVND useProfiles` are attributes of
+  # every output; passthru compressFirmware = false, ibtSupport, settings, fabricmanager.
   driverOf =
     version:
     fakeDrv "nvidia-x11-${version}" {
       inherit version;
+      useGLVND = true;
+      useProfiles = true;
+      compressFirmware = false;
+      ibtSupport = true;
       bin = fakeDrv "nvidia-x11-${version}-bin" { };
-      firmware = fakeDrv "nvidia-x11-${version}-firmware" { };
+      firmware = fakeDrv "nvidia-x11-${version}-firmware" { compressFirmware = false; };
+      settings = fakeDrv "nvidia-settings-${version}" { };
+      fabricmanager = fakeDrv "fabricmanager-${version}" { meta.mainProgram = "nv-fabricmanager"; };
       mod = fakeDrv "nvidia-kernel-modules-6.18.1-${version}" { };
       open = fakeDrv "nvidia-open-6.18.1-${version}" { };
       persistenced = fakeDrv "nvidia-persistenced-${version}" {
@@ -47,23 +55,31 @@ let
   system =
     {
       era ? "2026",
+      renamed ? false,
       settings ? { },
       hardware ? { },
       extra ? { },
     }:
     (input era).lib.nixosSystem {
+      inherit renamed;
       modules = [
         ../../nixos/module.nix
         extra
         {
           nixpkgs.hostPlatform = "x86_64-linux";
           services.nvidiaKmodSwap = settings;
-          hardware.nvidia = hardware;
+          # `enable` here stands for how a user enables the standard driver: nvidia.nix (2026)
+          # declares no hardware.nvidia.enable; services.xserver.videoDrivers = [ "nvidia" ] does.
+          # A desktop, then: nvidia.nix loads nvidia_modeset and nvidia_drm at boot only with
+          # services.xserver.enable.
+          services.xserver.videoDrivers = lib.optional (hardware.enable or false) "nvidia";
+          services.xserver.enable = hardware.enable or false;
+          hardware.nvidia = removeAttrs hardware [ "enable" ];
           system.stateVersion = "26.05";
         }
       ];
     };
-  # hardware.nvidia as a user enables the driver (nvidia.nix: enable, package, open).
+  # hardware.nvidia as a user enables the driver (videoDrivers, package, open).
   nvidia =
     extra:
     {
@@ -203,6 +219,7 @@ let
       dirs = (json s).module_dirs;
       tree = tree s;
       packages = map (p: p.name) (config s).boot.extraModulePackages;
+      firmware = map (p: p.name) (config s).hardware.firmware.paths;
       version = (json s).driver_version;
     };
   busyStop = on {
@@ -347,6 +364,16 @@ in
           "nvidia_modeset"
           "nvidia_drm"
         ];
+      }
+      {
+        what = "headless (videoDrivers without the X server: nvidia.nix loads nothing at boot)";
+        got =
+          (json (system {
+            settings.enable = true;
+            hardware = nvidia { };
+            extra.services.xserver.enable = lib.mkForce false;
+          })).modules;
+        want = [ "nvidia" ];
       }
       {
         what = "datacenter (modesetting defaults on, but nothing loads nvidia_drm)";
@@ -832,5 +859,23 @@ in
           want = [ "fake-nvidia-x11-580.105.08-bin" ];
         }
       ];
+  }
+  {
+    # udev.nix compresses each hardware.firmware package with zstd (kernel >= 5.19) unless it has
+    # compressFirmware = false, as nvidia_x11 has: the rollback story's firmware check reads
+    # nvidia/<version>/gsp_ga10x.bin, which a compressed copy would not have.
+    name = "VM test machine: the driver's GSP firmware reaches the firmware path uncompressed";
+    ok = expect [
+      {
+        what = "booted";
+        got = (machineTree { } null).firmware;
+        want = [ "fake-nvidia-x11-580.95.05-firmware" ];
+      }
+      {
+        what = "new";
+        got = (machineTree { } "new").firmware;
+        want = [ "fake-nvidia-x11-580.105.08-firmware" ];
+      }
+    ];
   }
 ]

@@ -567,6 +567,29 @@ let
       "x86_64-linux"
       "aarch64-linux"
     ];
+    # lib/attrsets.nix
+    setAttrByPath =
+      attrPath: value:
+      if attrPath == [ ] then value else { ${head attrPath} = setAttrByPath (tail attrPath) value; };
+    getAttrFromPath =
+      attrPath: set:
+      attrByPath attrPath (throw "cannot find attribute `${concatStringsSep "." attrPath}'") set;
+    # lib/modules.nix mkRenamedOptionModule (doRename { warn = true; use = builtins.trace
+    # "Obsolete option `FROM' is used. It was renamed to `TO'."; }): FROM becomes an alias whose
+    # definitions are TO's (modules-double.nix moves them) and whose every read prints that trace
+    # and returns TO's value. (The real one also warns when FROM is defined, through `warnings`,
+    # which the NixOS double does not declare.)
+    mkRenamedOptionModule =
+      from: to:
+      { config, ... }:
+      {
+        options = setAttrByPath from (mkOption {
+          renamedTo = to;
+          read = builtins.trace "Obsolete option `${showOption from}' is used. It was renamed to `${showOption to}'." (
+            getAttrFromPath to config
+          );
+        });
+      };
     evalModules = (import ./modules-double.nix lib).evalModules;
   };
 in

@@ -140,7 +140,9 @@ let
   # The config tree below a node of declarations, from the definitions made at that node.
   evalNode =
     loc: decl: rawDefs:
-    if isOption decl then
+    if isOption decl && decl ? renamedTo then
+      decl.read
+    else if isOption decl then
       evalOption loc decl rawDefs
     else
       let
@@ -152,6 +154,27 @@ let
         throw "The option `${lib.showOption (loc ++ [ (head unknown) ])}' does not exist."
       else
         mapAttrs (n: d: evalNode (loc ++ [ n ]) d (map (x: x.${n}) (filter (x: x ? ${n}) defs))) decl;
+
+  # Every renamed option of a declaration tree: { from; to; }.
+  findRenames =
+    loc: decl:
+    if isOption decl then
+      lib.optional (decl ? renamedTo) {
+        from = loc;
+        to = decl.renamedTo;
+      }
+    else
+      concatMap (n: findRenames (loc ++ [ n ]) decl.${n}) (attrNames decl);
+
+  # The definitions a raw module config makes at PATH, each under the mkIf/mkOverride around it.
+  definitionsAt =
+    path: value:
+    if path == [ ] then
+      [ value ]
+    else
+      concatMap (
+        v: if v ? ${head path} then definitionsAt (builtins.tail path) v.${head path} else [ ]
+      ) (pushDown value);
 
   evalModules =
     {
@@ -166,7 +189,14 @@ let
       // specialArgs;
       collected = collect args modules;
       options = mergeDeclarations [ ] (map (m: m.options) collected);
-      config = evalNode [ ] options (map (m: m.config) collected);
+      # mkRenamedOptionModule: the definitions made at a renamed option's old path are made at its
+      # new path too (lib/modules.nix doRename, mkAliasAndWrapDefsWithPriority), conditions kept.
+      renames = findRenames [ ] options;
+      configs = map (m: m.config) collected;
+      moved = map (
+        r: lib.setAttrByPath r.to (lib.mkMerge (concatMap (definitionsAt r.from) configs))
+      ) renames;
+      config = evalNode [ ] options (configs ++ moved);
     in
     {
       inherit config options;

@@ -7,9 +7,13 @@
   # "2026": nvidia.nix installs `nvidia_x11.mod` (nixpkgs PR 498612, May 2026);
   # "2025": nvidia.nix installs `nvidia_x11.bin`, where the proprietary modules lived before.
   era ? "2026",
+  # The boot.kernel.* option rename of some 2026 trees (qweered/nixpkgs kernel.nix).
+  renamed ? false,
 }:
 [
-  # nixos/modules/system/boot/kernel.nix
+  # nixos/modules/system/boot/kernel.nix and modprobe.nix. renamed: as in qweered/nixpkgs
+  # 1aec592130f9 (kernel.nix; modprobe.nix 595607534a11), the options live under boot.kernel and
+  # the old names are mkRenamedOptionModule aliases (reading one prints "Obsolete option ...").
   (
     {
       config,
@@ -22,49 +26,87 @@
       attrNamesToTrue = lib.types.coercedTo (lib.types.listOf lib.types.str) (
         names: lib.genAttrs names (_: true)
       ) (lib.types.attrsOf lib.types.bool);
-    in
-    {
-      options = {
-        boot.kernelPackages = lib.mkOption {
+      modulesOption = lib.mkOption {
+        type = attrNamesToTrue;
+        default = { };
+        apply = mods: lib.attrNames (lib.filterAttrs (_: v: v) mods);
+      };
+      kernelOptions = {
+        packages = lib.mkOption {
           type = lib.types.raw;
           default = pkgs.linuxPackages;
         };
-        boot.kernelModules = lib.mkOption {
-          type = attrNamesToTrue;
-          default = { };
-          apply = mods: lib.attrNames (lib.filterAttrs (_: v: v) mods);
-        };
-        boot.extraModulePackages = lib.mkOption {
-          type = lib.types.listOf lib.types.package;
-          default = [ ];
-        };
-        boot.kernelParams = lib.mkOption {
+        modules = modulesOption;
+        blacklistedModules = lib.mkOption {
           type = lib.types.listOf lib.types.str;
           default = [ ];
         };
+        extraModulePackages = lib.mkOption {
+          type = lib.types.listOf lib.types.package;
+          default = [ ];
+        };
+        params = lib.mkOption {
+          type = lib.types.listOf lib.types.str;
+          default = [ ];
+        };
+      };
+      k = if renamed then config.boot.kernel else {
+        packages = config.boot.kernelPackages;
+        inherit (config.boot) extraModulePackages;
+      };
+    in
+    {
+      imports = lib.optionals renamed [
+        (lib.mkRenamedOptionModule [ "boot" "kernelPackages" ] [ "boot" "kernel" "packages" ])
+        (lib.mkRenamedOptionModule [ "boot" "kernelParams" ] [ "boot" "kernel" "params" ])
+        (lib.mkRenamedOptionModule [ "boot" "kernelModules" ] [ "boot" "kernel" "modules" ])
+        (lib.mkRenamedOptionModule [ "boot" "extraModulePackages" ] [ "boot" "kernel" "extraModulePackages" ])
+        (lib.mkRenamedOptionModule [ "boot" "blacklistedKernelModules" ] [ "boot" "kernel" "blacklistedModules" ])
+      ];
+      options = {
         # internal; "Convert the list of path to only one path": aggregateModules (a buildEnv).
         system.modulesTree = lib.mkOption {
           type = lib.types.listOf lib.types.path;
           default = [ ];
           apply = modules: pkgs.aggregateModules modules;
         };
-      };
+        boot.extraModprobeConfig = lib.mkOption {
+          type = lib.types.lines;
+          default = "";
+        };
+      }
+      // (
+        if renamed then
+          { boot.kernel = kernelOptions; }
+        else
+          {
+            boot = {
+              kernelPackages = kernelOptions.packages;
+              kernelModules = modulesOption;
+              blacklistedKernelModules = kernelOptions.blacklistedModules;
+              extraModulePackages = kernelOptions.extraModulePackages;
+              kernelParams = kernelOptions.params;
+            };
+          }
+      );
       config = {
-        boot.kernelModules = [
-          "loop"
-          "atkbd"
-        ];
+        boot = if renamed then { kernel.modules = [ "loop" "atkbd" ]; } else { kernelModules = [ "loop" "atkbd" ]; };
         # 2026: `[ (lib.getOutput "modules" kernel) ] ++ ...`; before: `[ kernel ] ++ ...`.
         system.modulesTree = [
-          (lib.getOutput "modules" config.boot.kernelPackages.kernel)
+          (lib.getOutput "modules" k.packages.kernel)
         ]
-        ++ config.boot.extraModulePackages;
+        ++ k.extraModulePackages;
       };
     }
   )
 
-  # nixos/modules/hardware/video/nvidia.nix (the parts that decide the module tree, the modules
-  # loaded at boot and the nvidia-persistenced unit)
+  # nixos/modules/hardware/video/nvidia.nix, as of qweered/nixpkgs 1aec592130f9 (a 2026 fork; its
+  # Common, X11 and Data Center blocks). Everything it forces when our module reads the config is
+  # here: the environment.etc entries (reading any key forces every mkIf in that attrsOf, among
+  # them nvidia_x11.useProfiles), the assertions (among them `!cfg.open`, an error on null), the
+  # module packages, the boot modules and the units. Left out: PRIME, power management, the X
+  # server's driver entry and hardware.graphics' driver packages (options we never read).
+  # era "2025": the file before nixpkgs PR 498612 (extraModulePackages = [ nvidia_x11.bin ]).
   (
     {
       config,
@@ -74,13 +116,20 @@
     }:
     let
       cfg = config.hardware.nvidia;
-      # The 2024 file enables the driver by services.xserver.videoDrivers = [ "nvidia" ] (or
-      # datacenter.enable); the 2025-2026 option block (seen only in a fork derived from it, not in
-      # a nixpkgs copy) adds hardware.nvidia.enable. Both enable it here.
-      nvidiaEnabled =
-        cfg.enable || cfg.datacenter.enable || lib.elem "nvidia" config.services.xserver.videoDrivers;
-      nvidiaPkg = if nvidiaEnabled then cfg.package else null;
+      nvidiaEnabled = lib.elem "nvidia" config.services.xserver.videoDrivers;
+      nvidia_x11 = if cfg.enabled then cfg.package else null;
       useOpenModules = cfg.open == true;
+      # kernel.nix of the same tree: boot.kernel.* where the rename is there, boot.* before.
+      boot =
+        attrs:
+        if renamed then { boot.kernel = removeAttrs attrs [ "old" ]; } else { boot = attrs.old; };
+      modulePackages =
+        if useOpenModules then
+          [ nvidia_x11.open ]
+        else if era == "2026" then
+          [ nvidia_x11.mod ]
+        else
+          [ nvidia_x11.bin ];
       persistenced = lib.mkIf cfg.nvidiaPersistenced {
         description = "NVIDIA Persistence Daemon";
         wantedBy = [ "multi-user.target" ];
@@ -88,88 +137,168 @@
           Type = "forking";
           Restart = "always";
           PIDFile = "/var/run/nvidia-persistenced/nvidia-persistenced.pid";
-          ExecStart = "${lib.getExe nvidiaPkg.persistenced} --verbose";
+          ExecStart = "${lib.getExe nvidia_x11.persistenced} --verbose";
           ExecStopPost = "${pkgs.coreutils}/bin/rm -rf /var/run/nvidia-persistenced";
         };
       };
+      extraModulePackages = modulePackages;
     in
     {
       options.hardware.nvidia = {
+        # readOnly; "default = nvidiaEnabled || cfg.datacenter.enable". There is no
+        # hardware.nvidia.enable in the 2026 file.
         enabled = lib.mkOption {
           readOnly = true;
           type = lib.types.bool;
-          default = nvidiaPkg != null;
+          default = nvidiaEnabled || cfg.datacenter.enable;
         };
-        enable = lib.mkEnableOption "NVIDIA driver support";
-        datacenter.enable = lib.mkEnableOption "Data Center drivers (NVLink topology)";
+        datacenter.enable = lib.mkEnableOption "Data Center drivers for NVIDIA cards on a NVLink topology";
         modesetting.enable = lib.mkEnableOption "kernel modesetting" // {
           default = lib.versionAtLeast cfg.package.version "535";
         };
         nvidiaPersistenced = lib.mkEnableOption "nvidia-persistenced";
+        nvidiaSettings = lib.mkEnableOption "nvidia-settings" // {
+          default = true;
+        };
         dynamicBoost.enable = lib.mkEnableOption "dynamic Boost balancing (nvidia-powerd)";
+        gsp.enable = lib.mkEnableOption "the GPU System Processor" // {
+          default = useOpenModules || lib.versionAtLeast nvidia_x11.version "555";
+        };
         package = lib.mkOption {
           type = lib.types.raw;
           default =
             let
               flavour = if cfg.datacenter.enable then "dc" else "stable";
             in
-            config.boot.kernelPackages.nvidiaPackages.${flavour};
+            (if renamed then config.boot.kernel.packages else config.boot.kernelPackages)
+            .nvidiaPackages.${flavour};
         };
         open = lib.mkOption {
           type = lib.types.nullOr lib.types.bool;
-          default = if lib.versionOlder nvidiaPkg.version "560" then false else null;
+          default = if lib.versionOlder nvidia_x11.version "560" then false else null;
         };
       };
       config = lib.mkIf cfg.enabled (
         lib.mkMerge [
+          # Common
           {
-            boot.extraModulePackages =
-              if useOpenModules then
-                [ nvidiaPkg.open ]
-              else if era == "2026" then
-                [ nvidiaPkg.mod ]
-              else
-                [ nvidiaPkg.bin ];
-            boot.kernelModules = lib.optionals useOpenModules [ "nvidia_uvm" ];
-            # hardware.firmware = lib.optional cfg.open nvidia_x11.firmware;
-            hardware.firmware = lib.optional useOpenModules nvidiaPkg.firmware;
-            systemd.services.nvidia-persistenced = persistenced;
-          }
-          # (lib.mkIf cfg.dynamicBoost.enable { "nvidia-powerd" = { ... Type = "dbus"; BusName =
-          # "nvidia.powerd.server"; ExecStart = "${nvidia_x11.bin}/bin/nvidia-powerd"; ... } })
-          (lib.mkIf cfg.dynamicBoost.enable {
-            systemd.services.nvidia-powerd = {
-              description = "nvidia-powerd service";
-              wantedBy = [ "multi-user.target" ];
-              serviceConfig = {
-                Type = "dbus";
-                BusName = "nvidia.powerd.server";
-                ExecStart = "${nvidiaPkg.bin}/bin/nvidia-powerd";
-              };
-            };
-          })
-          # (lib.mkIf cfg.datacenter.enable { systemd.services.nvidia-fabricmanager = {
-          # unitConfig.After / Requires = [ "network-online.target" ]; serviceConfig = { Type =
-          # "forking"; TimeoutStartSec = 240; ExecStart = ... nv-fabricmanager -c ...; }; } })
-          (lib.mkIf cfg.datacenter.enable {
-            systemd.services.nvidia-fabricmanager = {
-              wantedBy = [ "multi-user.target" ];
-              unitConfig.After = [ "network-online.target" ];
-              unitConfig.Requires = [ "network-online.target" ];
-              serviceConfig = {
-                Type = "forking";
-                TimeoutStartSec = 240;
-                ExecStart = "${nvidiaPkg.outPath}-fabricmanager/bin/nv-fabricmanager -c /etc/fabricmanager.cfg";
-              };
-            };
-          })
-          (lib.mkIf (!cfg.datacenter.enable) {
-            boot.kernelModules = [
-              "nvidia"
-              "nvidia_modeset"
-              "nvidia_drm"
+            assertions = [
+              {
+                assertion = !(nvidiaEnabled && cfg.datacenter.enable);
+                message = "You cannot configure both X11 and Data Center drivers at the same time.";
+              }
+              {
+                assertion = cfg.open != null || cfg.datacenter.enable;
+                message = "You must configure `hardware.nvidia.open` on NVIDIA driver versions >= 560.";
+              }
+              {
+                # `!null` is an evaluation error: a datacenter configuration with open = null stops here.
+                assertion = !cfg.open || (nvidia_x11.open != null);
+                message = "The selected NVIDIA package does not provide open kernel modules.";
+              }
             ];
+            services.udev.extraRules = ''
+              KERNEL=="nvidia", RUN+="${pkgs.runtimeShell} -c 'mknod -m 666 /dev/nvidiactl c 195 255'"
+            '';
+            environment.systemPackages = [ nvidia_x11.bin ];
+          }
+          (boot {
+            blacklistedModules = [
+              "nouveau"
+              "nova_core"
+              "nvidiafb"
+            ];
+            modules = lib.optionals useOpenModules [ "nvidia_uvm" ];
+            old = {
+              blacklistedKernelModules = [
+                "nouveau"
+                "nova_core"
+                "nvidiafb"
+              ];
+              kernelModules = lib.optionals useOpenModules [ "nvidia_uvm" ];
+            };
           })
+          # X11
+          (lib.mkIf nvidiaEnabled (
+            lib.mkMerge [
+              (boot {
+                inherit extraModulePackages;
+                modules = lib.optionals config.services.xserver.enable [
+                  "nvidia"
+                  "nvidia_modeset"
+                  "nvidia_drm"
+                ];
+                old = {
+                  inherit extraModulePackages;
+                  kernelModules = lib.optionals config.services.xserver.enable [
+                    "nvidia"
+                    "nvidia_modeset"
+                    "nvidia_drm"
+                  ];
+                };
+              })
+              {
+                assertions = [
+                  {
+                    assertion = cfg.gsp.enable -> (cfg.package ? firmware);
+                    message = "This version of NVIDIA driver does not provide a GSP firmware.";
+                  }
+                  {
+                    assertion = useOpenModules -> (cfg.package ? open);
+                    message = "This version of NVIDIA driver does not provide a corresponding opensource kernel driver.";
+                  }
+                ];
+                hardware.firmware = lib.optional cfg.gsp.enable nvidia_x11.firmware;
+                environment.etc = {
+                  "nvidia/nvidia-application-profiles-rc" = lib.mkIf nvidia_x11.useProfiles {
+                    source = "${nvidia_x11.bin}/share/nvidia/nvidia-application-profiles-rc";
+                  };
+                  "egl/egl_external_platform.d".source = "/run/opengl-driver/share/egl/egl_external_platform.d/";
+                };
+                environment.systemPackages =
+                  lib.optional cfg.nvidiaSettings nvidia_x11.settings
+                  ++ lib.optional cfg.nvidiaPersistenced nvidia_x11.persistenced;
+                systemd.services.nvidia-persistenced = persistenced;
+              }
+              (lib.mkIf cfg.dynamicBoost.enable {
+                systemd.services.nvidia-powerd = {
+                  description = "nvidia-powerd service";
+                  wantedBy = [ "multi-user.target" ];
+                  serviceConfig = {
+                    Type = "dbus";
+                    BusName = "nvidia.powerd.server";
+                    ExecStart = "${nvidia_x11.bin}/bin/nvidia-powerd";
+                  };
+                };
+              })
+            ]
+          ))
+          # Data Center
+          (lib.mkIf cfg.datacenter.enable (
+            lib.mkMerge [
+              (boot {
+                inherit extraModulePackages;
+                old = { inherit extraModulePackages; };
+              })
+              {
+                systemd.services.nvidia-fabricmanager = {
+                  wantedBy = [ "multi-user.target" ];
+                  unitConfig.After = [ "network-online.target" ];
+                  unitConfig.Requires = [ "network-online.target" ];
+                  serviceConfig = {
+                    Type = "forking";
+                    TimeoutStartSec = 240;
+                    ExecStart = "${lib.getExe nvidia_x11.fabricmanager} -c /etc/fabricmanager.cfg";
+                  };
+                };
+                systemd.services.nvidia-persistenced = persistenced;
+                environment.systemPackages = [
+                  nvidia_x11.fabricmanager
+                ]
+                ++ lib.optional cfg.nvidiaPersistenced nvidia_x11.persistenced;
+              }
+            ]
+          ))
         ]
       );
     }
@@ -283,10 +412,12 @@
           type = lib.types.lines;
           default = "";
         };
-        # nixos/modules/services/hardware/udev.nix (NixOS/nixpkgs 01f19f54): a list of packages,
-        # apply = list: pkgs.buildEnv { name = "firmware"; paths = list; pathsToLink =
-        # [ "/lib/firmware" ]; ignoreCollisions = true; }; activation then writes
-        # "${config.hardware.firmware}/lib/firmware" to /sys/module/firmware_class/parameters/path.
+        # nixos/modules/services/hardware/udev.nix (qweered/nixpkgs cf08dd696189): each package
+        # is compressed (compressFirmware: firmwareCompression "zstd" for kernels >= 5.19, the
+        # double's 6.18; pkgs.compressFirmwareZstd renames every file to .zst) unless it says
+        # `compressFirmware = false` (nvidia_x11's passthru), then joined by buildEnv; activation
+        # writes "${config.hardware.firmware}/lib/firmware" to
+        # /sys/module/firmware_class/parameters/path.
         hardware.firmware = lib.mkOption {
           type = lib.types.listOf lib.types.package;
           default = [ ];
@@ -294,11 +425,18 @@
             list:
             pkgs.buildEnv {
               name = "firmware";
-              paths = list;
+              paths = map (
+                firmware:
+                if (firmware.compressFirmware or true) == false then
+                  firmware
+                else
+                  pkgs.compressFirmwareZstd firmware
+              ) list;
               pathsToLink = [ "/lib/firmware" ];
               ignoreCollisions = true;
             };
         };
+        services.xserver.enable = lib.mkEnableOption "the X server";
         # specialisation.<name>.configuration is a deferredModule: kept as written, evaluated later.
         specialisation = lib.mkOption {
           type = lib.types.attrsOf lib.types.raw;

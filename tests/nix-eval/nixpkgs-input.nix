@@ -15,10 +15,12 @@
         modules,
         system ? null,
         specialArgs ? { },
+        # Not nixosSystem's: the double's boot.kernel.* rename (nixos-double.nix).
+        renamed ? false,
       }:
       let
         eval = lib.evalModules {
-          modules = import ./nixos-double.nix { inherit era; } ++ modules;
+          modules = import ./nixos-double.nix { inherit era renamed; } ++ modules;
           specialArgs = {
             pkgs = import ./nixpkgs-double {
               system = if system != null then system else eval.config.nixpkgs.hostPlatform;

@@ -101,8 +101,19 @@ stdenv.mkDerivation {
     runHook postInstall
   '';
 
+  # generic.nix (NixOS/nixpkgs 37f8b96b): derivation attributes nvidia.nix reads on any output
+  # (useProfiles: the environment.etc mkIf of its X11 branch, forced by every read of
+  # environment.etc).
+  useGLVND = true;
+  useProfiles = false;
+
   passthru = {
     inherit open persistenced;
+    # udev.nix compresses hardware.firmware with zstd on kernels >= 5.19 unless a package says
+    # this (generic.nix passthru; stdenv puts passthru on every output, `firmware` included): the
+    # driver loads nvidia/<version>/gsp_*.bin by that name.
+    compressFirmware = false;
+    ibtSupport = true;
   }
   // lib.optionalAttrs (layout == "2026") { inherit mod; };
 }

@@ -18,14 +18,28 @@ let
   # A driver shaped like nixpkgs' nvidia_x11 of 2026 (tests/nixos/fake-driver.nix says where each
   # attribute comes from); nothing here is built, only compared.
   output = name: runCommand "fake-nvidia-${name}-${version}" { } "mkdir -p $out";
+  # What nvidia.nix reads of it (qweered/nixpkgs 1aec592130f9): version, useProfiles (an
+  # environment.etc mkIf, forced by any read of environment.etc), bin, firmware, mod, open,
+  # settings, persistenced and fabricmanager (lib.getExe: meta.mainProgram); compressFirmware =
+  # false keeps udev.nix from compressing the firmware (generic.nix passthru, on every output).
   driver = output "x11" // {
     inherit version;
+    useGLVND = true;
+    useProfiles = true;
+    compressFirmware = false;
+    ibtSupport = true;
     bin = output "x11-bin";
-    firmware = output "x11-firmware";
+    firmware = output "x11-firmware" // {
+      compressFirmware = false;
+    };
     mod = output "kernel-modules";
     open = output "open";
+    settings = output "settings";
     persistenced = output "persistenced" // {
       meta.mainProgram = "nvidia-persistenced";
+    };
+    fabricmanager = output "fabricmanager" // {
+      meta.mainProgram = "nv-fabricmanager";
     };
   };
 
@@ -46,21 +60,17 @@ let
       ];
     }).config;
 
-  # The standard driver, enabled as a user does: videoDrivers = [ "nvidia" ] is how nvidia.nix has
-  # long been enabled; hardware.nvidia.enable is set too where this nixpkgs declares it.
+  # The standard driver, enabled as a user does: videoDrivers = [ "nvidia" ] (the 2026 nvidia.nix
+  # declares no hardware.nvidia.enable).
   standard =
     open:
-    evaluate (
-      { options, ... }:
-      {
-        services.xserver.videoDrivers = [ "nvidia" ];
-        hardware.nvidia = {
-          package = driver;
-          inherit open;
-        }
-        // lib.optionalAttrs (options.hardware.nvidia ? enable) { enable = true; };
-      }
-    );
+    evaluate {
+      services.xserver.videoDrivers = [ "nvidia" ];
+      hardware.nvidia = {
+        package = driver;
+        inherit open;
+      };
+    };
 
   systems = {
     proprietary = {

@@ -107,7 +107,18 @@ let
                 {
                   pname = "nvidia-${if flavour == "dc" then "dc" else "x11"}";
                   version = "580.95.05";
+                  # generic.nix (NixOS/nixpkgs 37f8b96b): `inherit version useGLVND useProfiles`
+                  # are derivation attributes; passthru as below.
+                  useGLVND = true;
+                  useProfiles = true;
                   passthru = {
+                    compressFirmware = false;
+                    ibtSupport = true;
+                    settings = drv { name = "nvidia-settings-580.95.05"; };
+                    fabricmanager = drv {
+                      name = "fabricmanager-580.95.05";
+                      meta.mainProgram = "nv-fabricmanager";
+                    };
                     mod = drv { name = "nvidia-kernel-modules-6.18.1-580.95.05"; };
                     open = drv { name = "nvidia-open-6.18.1-580.95.05"; };
                     persistenced = drv {
@@ -180,6 +191,16 @@ let
           ...
         }:
         drv { inherit name paths; };
+      # pkgs/build-support/kernel/compress-firmware.nix (NixOS/nixpkgs 4436175e, all-packages.nix
+      # compressFirmwareZstd): runCommand "${firmware.name}-zstd", every file under lib/firmware
+      # compressed to <name>.zst.
+      compressFirmwareZstd =
+        firmware:
+        drv {
+          name = "${firmware.name}-zstd";
+          paths = [ firmware ];
+          compressed = "zstd";
+        };
       aggregateModules =
         modules:
         drv {
