@@ -3,6 +3,7 @@
 # "NVRM: API mismatch". Options become one JSON file for the helper; nothing clever happens in Nix.
 {
   config,
+  options,
   lib,
   pkgs,
   ...
@@ -11,7 +12,15 @@
 let
   cfg = config.services.nvidiaKmodSwap;
   nvidiaCfg = config.hardware.nvidia;
-  kernel = config.boot.kernelPackages.kernel;
+  # Some 2026 trees move boot.kernelPackages, boot.kernelModules and boot.extraModulePackages to
+  # boot.kernel.* (kernel.nix, mkRenamedOptionModule); reading an old name there prints "Obsolete
+  # option" on every evaluation, so the new names are read where they exist.
+  renamedKernel = (options.boot.kernel or { }) ? packages;
+  kernelPackages = if renamedKernel then config.boot.kernel.packages else config.boot.kernelPackages;
+  kernelModules = if renamedKernel then config.boot.kernel.modules else config.boot.kernelModules;
+  extraModulePackages =
+    if renamedKernel then config.boot.kernel.extraModulePackages else config.boot.extraModulePackages;
+  kernel = kernelPackages.kernel;
 
   # modDirVersion, not the package version: it is the directory under lib/modules and what the
   # running kernel reports (e.g. "6.12.8" vs "6.12.8-zen1").
@@ -31,7 +40,7 @@ let
   # What this generation loads at boot (boot.kernelModules takes either spelling); the helper also
   # reloads whatever is loaded when it swaps. `nvidia` always: every other one needs it, and so
   # does nvidia-persistenced.
-  bootModules = map (lib.replaceStrings [ "-" ] [ "_" ]) config.boot.kernelModules;
+  bootModules = map (lib.replaceStrings [ "-" ] [ "_" ]) kernelModules;
   modules = [ "nvidia" ] ++ lib.filter (m: m != "nvidia" && lib.elem m bootModules) driverModules;
 
   # The unit whose start runs `swap`, and so the one every GPU unit is ordered after.
@@ -114,10 +123,30 @@ let
     gpu_units = map (u: "${u}.service") gpuUnits;
   };
 
-  # Its store path changes with the driver, so switching generations changes the unit and
-  # switch-to-configuration restarts it: that restart is when the swap happens.
   configFile = pkgs.writeText "nvidia-kmod-swap.json" (builtins.toJSON settings);
-  helper = "${cfg.package}/bin/nvidia-kmod-swap --config ${configFile}";
+  # The units name the config and the helper by paths that do not change between generations:
+  # /etc and /run/current-system are the new generation's once its activation has run, before
+  # switch-to-configuration starts units. A store path on the command line would make every
+  # change of the module tree or the firmware (a linux-firmware, zfs or v4l2loopback bump) a new
+  # unit, restarting nvidia-persistenced and every GPU unit, fabric manager included (whose
+  # nixpkgs default ABORT_CUDA_JOBS_ON_FM_EXIT = 1 aborts running CUDA jobs).
+  configPath = "/etc/nvidia-kmod-swap/config.json";
+  helper = "/run/current-system/sw/bin/nvidia-kmod-swap --config ${configPath}";
+  # What restarts the swap unit and the GPU units: the driver and its kernel modules, and nothing
+  # else. The driver's module packages are those of the generation's extra module packages that
+  # are the driver's own outputs (nvidia.nix: `if useOpenModules then [ open ] else [ mod ]`,
+  # `bin` before 2026); a new kernel rebuilds them, and so restarts the units too.
+  driverOutputs = lib.filter lib.isDerivation (
+    map (o: cfg.nvidiaPackage.${o} or null) [
+      "mod"
+      "open"
+      "bin"
+    ]
+  );
+  driverModulePackages = lib.filter (
+    p: lib.isDerivation p && lib.any (o: o.outPath == p.outPath) driverOutputs
+  ) extraModulePackages;
+  driverTriggers = [ cfg.nvidiaPackage ] ++ driverModulePackages ++ cfg.extraModuleDirs;
   persistenced = config.systemd.services.nvidia-persistenced;
 in
 {
@@ -253,6 +282,25 @@ in
   config = lib.mkIf cfg.enable (
     lib.mkMerge [
       {
+        # nvidia.nix (2026) asserts `!cfg.open || ...`, an evaluation error ("expected a Boolean
+        # but found null") when hardware.nvidia.open is left null, as a datacenter configuration
+        # may leave it (its own "You must configure hardware.nvidia.open" assertion exempts
+        # datacenter.enable). NixOS evaluates every assertion in list order, so this one, first
+        # (mkBefore), stops the evaluation with words a user can act on instead.
+        assertions = lib.mkBefore [
+          {
+            assertion =
+              !(nvidiaCfg.enabled or false && nvidiaCfg ? open && nvidiaCfg.open == null)
+              || throw ''
+                services.nvidiaKmodSwap: hardware.nvidia.open is null, and nixpkgs' nvidia.nix cannot
+                evaluate its assertions with it (`!cfg.open`). Set hardware.nvidia.open = true to use
+                the open kernel modules (Turing and later GPUs) or false for the proprietary ones.
+              '';
+            message = "hardware.nvidia.open must be true or false";
+          }
+        ];
+      }
+      {
         assertions = [
           {
             assertion = cfg.standalone || nvidiaCfg.nvidiaPersistenced;
@@ -264,14 +312,15 @@ in
           }
           {
             # hardware.nvidia defines the unit only when the driver is enabled
-            # (hardware.nvidia.enable, datacenter.enable or videoDrivers = [ "nvidia" ]); without
-            # it our hooks would make a unit with nothing to start.
+            # (services.xserver.videoDrivers = [ "nvidia" ] or hardware.nvidia.datacenter.enable;
+            # the 2026 nvidia.nix has no hardware.nvidia.enable); without it our hooks would make a
+            # unit with nothing to start.
             assertion = cfg.standalone || persistenced.serviceConfig ? ExecStart;
             message = ''
               services.nvidiaKmodSwap: hardware.nvidia.nvidiaPersistenced is set, but no
               nvidia-persistenced service with an ExecStart is defined: the NVIDIA driver is not
-              enabled (hardware.nvidia.enable, hardware.nvidia.datacenter.enable or
-              services.xserver.videoDrivers = [ "nvidia" ]). Enable it, or use
+              enabled. Enable it with services.xserver.videoDrivers = [ "nvidia" ] or
+              hardware.nvidia.datacenter.enable = true, or use
               services.nvidiaKmodSwap.standalone = true.
             '';
           }
@@ -288,7 +337,8 @@ in
           }
         ];
 
-        # `nvidia-kmod-swap status` and `plan` find it here without --config.
+        # Where the units' helper reads it (configPath), and `nvidia-kmod-swap status` and `plan`
+        # without --config.
         environment.etc."nvidia-kmod-swap/config.json".source = configFile;
         environment.systemPackages = [ cfg.package ];
 
@@ -309,7 +359,7 @@ in
           # with the old driver.
           (lib.genAttrs gpuUnits (_: {
             after = [ swapUnit ];
-            restartTriggers = [ configFile ];
+            restartTriggers = driverTriggers;
             serviceConfig.ExecCondition = lib.mkBefore [ "+${helper} check" ];
           }))
         ];
@@ -327,7 +377,7 @@ in
         # unit's sandboxing. check decides whether the unit starts at all (exit 1 skips it, which is
         # not a failure: a deferred swap does not fail the deploy); swap does the work.
         systemd.services.nvidia-persistenced = {
-          restartTriggers = [ configFile ];
+          restartTriggers = driverTriggers;
           serviceConfig = {
             ExecCondition = lib.mkBefore [ "+${helper} check" ];
             ExecStartPre = lib.mkBefore [ "+${helper} swap" ];
@@ -342,7 +392,7 @@ in
           description = "Swap the loaded NVIDIA kernel modules for the system profile's driver";
           wantedBy = [ "multi-user.target" ];
           after = [ "systemd-modules-load.service" ];
-          restartTriggers = [ configFile ];
+          restartTriggers = driverTriggers;
           serviceConfig = {
             Type = "oneshot";
             RemainAfterExit = true;

@@ -102,10 +102,21 @@ let
   config = s: s.config;
   json = s: builtins.fromJSON (config s).environment.etc."nvidia-kmod-swap/config.json".source.text;
   unit = s: (config s).systemd.services.nvidia-persistenced.serviceConfig;
-  file = s: (config s).environment.etc."nvidia-kmod-swap/config.json".source.outPath;
+  # The units read the config at its /etc path and run the current system's helper (module.nix:
+  # configPath, helper), so that nothing but the driver changes their definitions.
+  file = _: "/etc/nvidia-kmod-swap/config.json";
+  # What restarts them: the driver and its module package in the generation's tree.
+  driverTriggers = s: [
+    (config s).hardware.nvidia.package.outPath
+  ]
+  ++ map (p: p.outPath) (
+    lib.filter (
+      p: lib.elem p.outPath (map (o: o.outPath) [ driver.mod driver.open driver.bin ])
+    ) (config s).boot.extraModulePackages
+  );
   tree = s: "${(config s).system.modulesTree}/lib/modules/6.18.1";
   inTree = s: p: builtins.elem p.outPath (map (x: x.outPath) (config s).boot.extraModulePackages);
-  helper = "${pkgs.callPackage ../../helper/package.nix { }}/bin/nvidia-kmod-swap";
+  helper = "/run/current-system/sw/bin/nvidia-kmod-swap";
   # What went wrong, or true: a failing comparison names itself.
   expect =
     pairs:
@@ -309,7 +320,8 @@ in
     ];
   }
   {
-    name = "datacenter, hardware.nvidia.open left null (null from 560 on): evaluates, mod";
+    # (The assertions then stop the build, with our message: tests/nix-eval/errors.nix openNull.)
+    name = "datacenter, hardware.nvidia.open left null (null from 560 on): the tree and config evaluate, mod";
     ok = expect [
       {
         what = "hardware.nvidia.open";
@@ -522,7 +534,7 @@ in
           want = {
             after = [ "nvidia-persistenced.service" ];
             condition = [ "+${helper} --config ${file s} check" ];
-            triggers = [ (file s) ];
+            triggers = driverTriggers s;
             kept = true;
           };
         }) units
@@ -624,14 +636,75 @@ in
       ];
   }
   {
-    name = "a new config (new driver or module tree) restarts the unit";
-    ok = expect [
-      {
-        what = "restartTriggers";
-        got = map (p: p.outPath) (config base).systemd.services.nvidia-persistenced.restartTriggers;
-        want = [ (file base) ];
-      }
-    ];
+    name = "a new driver restarts the swap unit and the GPU units, an unrelated update none of them";
+    ok =
+      let
+        gpu = extra: hardware: system {
+          settings = {
+            enable = true;
+            gpuUnits = [ "gpu-power-limit" ];
+          };
+          inherit hardware;
+          extra.imports = [
+            {
+              hardware.nvidia-container-toolkit.enable = true;
+              systemd.services.gpu-power-limit.serviceConfig.ExecStart = "/run/current-system/sw/bin/nvidia-smi -pl 300";
+            }
+            extra
+          ];
+        };
+        before = gpu { } (nvidia { });
+        # A linux-firmware bump and another out-of-tree module (zfs, v4l2loopback) in the tree.
+        unrelated = gpu {
+          hardware.firmware = [ (fakeDrv "linux-firmware-20261201" { }) ];
+          boot.extraModulePackages = [ (fakeDrv "v4l2loopback-0.15.1-6.18.1" { }) ];
+        } (nvidia { });
+        bumped = gpu { } (nvidia { package = driverOf "595.58.03"; });
+        units = [
+          "nvidia-persistenced"
+          "nvidia-container-toolkit-cdi-generator"
+          "gpu-power-limit"
+        ];
+        # What switch-to-configuration compares: the unit's definition (here: its settings and
+        # triggers, which become X-Restart-Triggers).
+        unitOf = s: u: {
+          inherit ((config s).systemd.services.${u}) serviceConfig;
+          triggers = map (p: p.outPath or p) (config s).systemd.services.${u}.restartTriggers;
+        };
+        same = a: b: map (unitOf a) units == map (unitOf b) units;
+      in
+      expect [
+        {
+          what = "the module tree and the firmware changed";
+          got = [
+            ((json before).module_dirs != (json unrelated).module_dirs)
+            ((json before).firmware_path != (json unrelated).firmware_path)
+          ];
+          want = [
+            true
+            true
+          ];
+        }
+        {
+          what = "unrelated update: every GPU unit as it was";
+          got = same before unrelated;
+          want = true;
+        }
+        {
+          what = "driver bump: each unit changed";
+          got = map (u: unitOf before u != unitOf bumped u) units;
+          want = [
+            true
+            true
+            true
+          ];
+        }
+        {
+          what = "triggers";
+          got = (unitOf before "nvidia-persistenced").triggers;
+          want = driverTriggers before;
+        }
+      ];
   }
   {
     name = "standalone: own oneshot unit, nvidia-persistenced untouched";

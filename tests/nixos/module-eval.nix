@@ -3,7 +3,8 @@
 # each way a generation gets its NVIDIA modules:
 #   proprietary  hardware.nvidia.open = false: nvidia.nix puts the driver's `mod` in the module tree
 #   open         hardware.nvidia.open = true: `open`
-#   datacenter   hardware.nvidia.datacenter.enable, `open` left at its default (null from 560 on)
+#   datacenter   hardware.nvidia.datacenter.enable with open = false (its default, null from 560
+#                on, fails nvidia.nix's own assertions)
 #   legacy       a pre-2026 nixpkgs: the proprietary modules in the driver's `bin` output
 # Pure evaluation (the comparisons are Nix asserts); the derivation only records that it passed.
 {
@@ -87,6 +88,8 @@ let
         hardware.nvidia = {
           datacenter.enable = true;
           package = driver;
+          # null (the default from 560 on) fails nvidia.nix's `!cfg.open` assertion.
+          open = false;
         };
       };
     };
