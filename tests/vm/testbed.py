@@ -195,6 +195,7 @@ class Overlay:
         self._put(root, "/etc/systemd/system/backdoor.service", (GUEST / "backdoor.service").read_text())
         self._enable(root, "backdoor.service", "sysinit.target")
         self._put(root, "/usr/local/bin/switch-driver", (GUEST / "switch-driver").read_text(), 0o755)
+        self._put(root, "/usr/local/bin/nix-collect-garbage", (GUEST / "nix-collect-garbage").read_text(), 0o755)
         self._put(root, "/etc/udev/rules.d/60-nvidia.rules", (GUEST / "60-nvidia.rules").read_text())
         self._put(root, "/etc/systemd/system/nvidia-persistenced.service",
                   (GUEST / "nvidia-persistenced.service").read_text())
@@ -216,7 +217,7 @@ class Overlay:
             "[Unit]\nDescription=Test bed: the system profile's driver\nDefaultDependencies=no\n"
             "After=local-fs.target\nBefore=sysinit.target nvidia-persistenced.service\n\n"
             f"[Service]\nType=oneshot\nRemainAfterExit=yes\n"
-            f"ExecStart=/usr/local/bin/switch-driver --no-reload {profile}\n"))
+            f"ExecStart=/usr/local/bin/switch-driver --no-reload --booted {boot.driver or profile} {profile}\n"))
         self._enable(root, "testbed-profile.service", "sysinit.target")
         self._booted_module_tree(root)
         for path, text in boot.files.items():

@@ -26,7 +26,7 @@ from .effects import EffectError, Effects, KmodError, kmod_tool
 from .facts import driver_modules, make_plan
 from .holders import wait_until_released
 from .journal import Reporter
-from .modinfo import ModuleFiles
+from .modinfo import ModInfo, ModuleFiles
 from .paths import Root
 from .plan import DEFER, NONE, REFUSE, LoadStep, Plan, allowed, plan_restore, q, restore_problems
 from .rules import AUTOLOAD_BLOCK, CORE, FIRMWARE_PATH
@@ -383,7 +383,12 @@ class Swapper:
         # The files themselves, not their links in the generation's module tree (aggregateModules):
         # a GC of that generation must not take the next swap's rollback source with it.
         resolved = tuple(s._replace(path=os.path.realpath(s.path)) for s in load)
-        self.state.write(LOADED_RECORD, LoadedRecord(version, resolved).to_json())
+        # The driver's other modules too (a later `modprobe nvidia_drm` loads them through
+        # _route_by_name): the next swap needs every loaded module's file to roll back to.
+        shipped = self._shipped(resolved, version)
+        loaded = {s.name for s in resolved}
+        record = resolved + tuple(LoadStep.of(m, "") for m in shipped if m.name not in loaded)
+        self.state.write(LOADED_RECORD, LoadedRecord(version, record).to_json())
         firmware = self._firmware_path()
         try:
             self.state.write_driver(DriverRecord(version, firmware, self.config.verify_command))
@@ -391,7 +396,7 @@ class Swapper:
             self.reporter.event("step", f"could not note the driver's firmware path ({e.strerror})", "warning")
         self.state.remove(STATE_FILE)
         self._keep_on_disk(resolved, firmware, self.config.verify_command)
-        self._route_by_name(resolved, version)
+        self._route_by_name(shipped, version)
 
     def _keep_on_disk(self, load: tuple[LoadStep, ...], firmware: str | None,
                       verify: tuple[str, ...] | None) -> None:
@@ -412,11 +417,18 @@ class Swapper:
         except (OSError, EffectError) as e:
             self.reporter.event("step", f"could not update the GC roots in {self.config.gc_root_dir}: {e}", "warning")
 
-    def _route_by_name(self, load: tuple[LoadStep, ...], version: str | None) -> None:
+    def _shipped(self, load: tuple[LoadStep, ...], version: str | None) -> list[ModInfo]:
+        """The modules of the driver whose files LOAD are (facts.driver_modules); [] if unreadable."""
+        try:
+            return driver_modules(load, version) if load and version else []
+        except OSError as e:
+            self.reporter.event("step", f"could not list the files beside {load[0].path}: {e.strerror}", "warning")
+            return []
+
+    def _route_by_name(self, modules: list[ModInfo], version: str | None) -> None:
         """Later loads by name (modprobe) get the loaded driver's files, not the booted tree's
         (byname.py); nothing to route when the loaded driver is the booted one."""
         try:
-            modules = driver_modules(load, version) if load and version else []
             booted = ModuleFiles(self.config.rollback_dirs)
             first = {m.name: booted.get(m.name)[:1] for m in modules}
             lines = byname.install_lines(modules, {n: os.path.realpath(p[0]) for n, p in first.items() if p},
@@ -521,7 +533,7 @@ class Swapper:
         self.state.remove(STATE_FILE)
         firmware = swap.rollback_firmware_path if swap.rollback_firmware_path is not None else self._firmware_path()
         self._keep_on_disk(target, firmware, swap.rollback_verify_command)
-        self._route_by_name(target, swap.loaded_version)
+        self._route_by_name(self._shipped(target, swap.loaded_version), swap.loaded_version)
         shown = describe_loaded(after, [s.name for s in target]) if target else "no NVIDIA module"
         self.reporter.event("rolled-back", f"rolled back: the NVIDIA driver {old} is loaded again (sysfs: {shown}; "
                             f"kept {len(restore.keep)}, reloaded {len(restore.load)}). Cause: {reason}", "err",
