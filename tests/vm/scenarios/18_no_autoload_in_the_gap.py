@@ -52,7 +52,9 @@ def test(machine, bed):
     # when the new driver is loaded meanwhile, succeeds against it) ...
     calls = machine.succeed("cat /run/kernel-modprobe.log")
     assert "char-major-195-" in calls, calls
-    # ... and it is still running; the block is gone: modprobe's config has no `install nvidia` left.
+    # ... and it is still running; the block is gone: modprobe's `install nvidia` now loads the new
+    # driver's file (issue 21: loads by name after a swap), never `false`.
     assert machine.unit_property("nvml-opener.service", "ActiveState") == "active"
     machine.succeed("test ! -e /run/modprobe.d/nvidia-kmod-swap.conf")
-    machine.fail("modprobe --showconfig | grep -q '^install nvidia '")
+    install = machine.succeed("modprobe --showconfig | grep '^install nvidia '")
+    assert "false" not in install and bed.packages["new"]["path"] in install, install
