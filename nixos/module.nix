@@ -81,8 +81,9 @@ let
 
   # What one start of the swap unit may take at most (swap.py): the lock, a momentary holder in
   # `check` and in `swap`, stopping units (settle), an unload refused for a moment, the device nodes
-  # (settle), the verify command (60 s), a rollback's nodes (settle), and a margin.
-  startBudget = cfg.lockTimeout + 3 * cfg.busyGrace + 3 * cfg.settleTimeout + 60 + 30;
+  # (settle), the verify command (60 s), a rollback's momentary holder (busyGrace), its nodes
+  # (settle) and the old driver's own verify command (60 s), and a margin.
+  startBudget = cfg.lockTimeout + 4 * cfg.busyGrace + 3 * cfg.settleTimeout + 2 * 60 + 30;
 
   settings = {
     driver_version = cfg.nvidiaPackage.version;
@@ -97,7 +98,10 @@ let
     rollback_dirs = [ "/run/booted-system/kernel-modules/lib/modules/${release}" ];
     on_busy = cfg.onBusy;
     on_kernel_change = cfg.onKernelChange;
-    stop_units = cfg.stopUnits;
+    # Unit names with their suffix, as the helper compares them with a holder's unit.
+    stop_units = map (
+      u: if lib.hasSuffix ".service" u || lib.hasSuffix ".target" u then u else "${u}.service"
+    ) cfg.stopUnits;
     verify_command =
       if cfg.verify then
         [
@@ -191,8 +195,11 @@ in
     stopUnits = lib.mkOption {
       type = lib.types.listOf lib.types.str;
       default = [ ];
-      example = [ "ollama.service" ];
-      description = "Units that `onBusy = \"stop-units\"` may stop for the swap and start again.";
+      example = [ "ollama" ];
+      description = ''
+        Services that `onBusy = "stop-units"` may stop for the swap and start again (names with or
+        without `.service`).
+      '';
     };
 
     onKernelChange = lib.mkOption {

@@ -597,14 +597,14 @@ in
           };
         }
         {
-          what = "TimeoutStartSec of nvidia-persistenced (lock 60 + 3 x grace 5 + 3 x settle 10 + verify 60 + 30)";
+          what = "TimeoutStartSec of nvidia-persistenced (lock 60 + 4 x grace 5 + 3 x settle 10 + 2 x verify 60 + 30)";
           got = (unit base).TimeoutStartSec;
-          want = 195;
+          want = 260;
         }
         {
           what = "TimeoutStartSec of the standalone unit";
           got = (config standalone).systemd.services.nvidia-kmod-swap.serviceConfig.TimeoutStartSec;
-          want = 195;
+          want = 260;
         }
         {
           what = "the helper's keys";
@@ -705,6 +705,31 @@ in
           want = driverTriggers before;
         }
       ];
+  }
+  {
+    # The helper compares stop_units with a holder's unit, which has its suffix (issue 22).
+    name = "stopUnits: names without .service get it, unit names are kept";
+    ok = expect [
+      {
+        what = "stop_units";
+        got =
+          (json (
+            on {
+              onBusy = "stop-units";
+              stopUnits = [
+                "ollama"
+                "train.service"
+                "jobs.target"
+              ];
+            } (nvidia { })
+          )).stop_units;
+        want = [
+          "ollama.service"
+          "train.service"
+          "jobs.target"
+        ];
+      }
+    ];
   }
   {
     name = "standalone: own oneshot unit, nvidia-persistenced untouched";

@@ -328,7 +328,7 @@ class FakeEffects:
     calls: list[tuple[str, str]] = field(default_factory=list)
     systemctl_calls: list[list[str]] = field(default_factory=list)
     on_systemctl: object = None          # called with the args, e.g. to let a holder go
-    command_output: tuple[int, str] | None = None  # the verify command's (status, output)
+    command_output: tuple[int, str] | tuple[int, str, str] | None = None  # the verify command's (status, stdout[, stderr])
     # A process opening /dev/nvidiactl all the time: whenever nvidia is gone, the kernel runs
     # `modprobe char-major-195-255` (nvidia.ko's MODULE_ALIAS_CHARDEV_MAJOR(195), kernel-open/nvidia/nv.c)
     # and modprobe loads this file (the booted driver), unless a modprobe.d `install nvidia ...` line
@@ -428,13 +428,14 @@ class FakeEffects:
         if callable(self.on_systemctl):
             self.on_systemctl(args)
 
-    def run_command(self, argv: list[str], timeout: float) -> tuple[int, str]:
+    def run_command(self, argv: list[str], timeout: float) -> tuple[int, str, str]:
         if self.command_output is not None:
-            return self.command_output
+            status, out, *err = self.command_output
+            return status, out, err[0] if err else ""
         import subprocess
 
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-        return proc.returncode, proc.stdout + proc.stderr
+        return proc.returncode, proc.stdout, proc.stderr
 
     def set_gc_roots(self, directory: str, targets: dict[str, str]) -> None:
         import os

@@ -232,8 +232,8 @@ def test_status_shows_the_pending_deferral_from_the_state_dir(system, store, tre
 @pytest.mark.parametrize("key,value,why", [
     ("swap_unit", "nvidia-persistenced", "expected a unit name"),
     ("gpu_units", ["../x.service"], "expected a unit name"),
-    ("busy_grace_s", -1, "expected a number >= 0"),
-    ("lock_timeout_s", 0, "expected a positive number"),
+    ("busy_grace_s", -1, "expected a finite number >= 0"),
+    ("lock_timeout_s", 0, "expected a finite positive number"),
 ])
 def test_new_keys_are_validated(store, trees, key, value, why):
     with pytest.raises(ConfigError, match=f"{key}.*{why}"):

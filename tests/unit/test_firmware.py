@@ -14,7 +14,7 @@ import pytest
 from fakesys import NEW, OLD, FakeEffects, config_for, make_config, swapper, write_config, write_driver
 from nvidia_kmod_swap.config import parse
 from nvidia_kmod_swap.quick import try_noop
-from nvidia_kmod_swap.swap import EXIT_OK, EXIT_ROLLBACK_FAILED, EXIT_ROLLED_BACK
+from nvidia_kmod_swap.swap import EXIT_OK, EXIT_REFUSED, EXIT_ROLLBACK_FAILED, EXIT_ROLLED_BACK
 
 
 def firmware(store, version):
@@ -127,6 +127,7 @@ def test_crash_recovery_rolls_back_with_the_old_firmware_too(bed, tmp_path):
     assert system.versions().get("nvidia") == NEW and "nvidia_uvm" not in system.modules
     # the profile is rolled back meanwhile (deploy-rs): only the broken new uvm stays unloadable
     broken = FakeEffects(system, always_fail={("load", str(trees[1] / "misc/nvidia-uvm.ko")): 19})
-    assert swapper(system, config, broken).run() == EXIT_ROLLED_BACK
+    # Rolled back, then not swapped again: the interrupted swap is recorded as failed (issue 22).
+    assert swapper(system, config, broken).run() == EXIT_REFUSED
     assert system.versions()["nvidia"] == OLD
     assert system.firmware_path == fw[OLD]

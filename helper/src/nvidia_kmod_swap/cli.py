@@ -128,12 +128,42 @@ def _pending(root: Root, config: Config) -> bool:
     return os.path.lexists(root(config.state_dir) / STATE_FILE)
 
 
+def _swap_running(root: Root, config: Config) -> bool:
+    """Whether another run holds the swap lock after waiting up to lock_timeout_s for it: a swap
+    in progress, which a unit starting now must not run against (a half-loaded driver), unlike an
+    interrupted one (swap.json with the lock free), which `swap` recovers first."""
+    import fcntl
+    import os
+    import time
+
+    try:
+        fd = os.open(root(config.state_dir) / "lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False  # no run has ever taken it
+    try:
+        deadline = time.monotonic() + config.lock_timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return False
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return True
+                time.sleep(0.1)
+    finally:
+        os.close(fd)
+
+
 def _check(root: Root, config: Config, reporter: Reporter) -> int:
     from .facts import make_plan
     from .plan import DEFER, REFUSE
     from .state import StateDir, StateError
     from .swap import defer, plan_after_grace
 
+    if _swap_running(root, config):
+        reporter.event("step", f"another nvidia-kmod-swap run still holds {root(config.state_dir) / 'lock'} after "
+                       f"{config.lock_timeout_s:.0f}s: a swap is in progress, not starting", "warning")
+        return 1
     if _pending(root, config):
         return 0  # an interrupted swap: `swap` recovers it first
     try:
@@ -178,7 +208,7 @@ def _retry_deferred(root: Root, config: Config, reporter: Reporter, effects: Eff
 
     from .facts import make_plan
     from .holders import find_holders
-    from .plan import DEFER, NONE
+    from .plan import DEFER, DROP, NONE, START, deferral_step
     from .snapshot import read_snapshot
     from .state import DEFERRED_RECORD, StateDir
 
@@ -186,15 +216,18 @@ def _retry_deferred(root: Root, config: Config, reporter: Reporter, effects: Eff
     record = state.deferred()
     if record is None:
         return 0
-    if record.waits_for != "idle":
-        return 0  # a new kernel: only a reboot helps
-    if find_holders(root):
-        return 0  # still busy: the next tick looks again
-    plan = make_plan(root, config)
-    if plan.action == NONE:
+    busy = record.waits_for == "idle" and bool(find_holders(root))
+    plan = make_plan(root, config) if record.waits_for == "idle" and not busy else None
+    step = deferral_step(record.waits_for, busy, plan)
+    if step == DROP and plan is not None:
         state.remove(DEFERRED_RECORD)
+        if plan.action != NONE:
+            # Reported once: the record is gone, so the next tick does nothing.
+            reporter.event("refused", f"the deferred swap to {config.driver_version} cannot run now: {plan.reason}; "
+                           "the timer stops retrying it", "err", reason=plan.reason,
+                           expected_version=config.driver_version, loaded_version=plan.loaded_version)
         return 0
-    if plan.action == DEFER and plan.waits_for == "idle":
+    if step != START or plan is None:
         return 0
     if effects is None:
         if not root.is_live:
@@ -215,7 +248,16 @@ def _retry_deferred(root: Root, config: Config, reporter: Reporter, effects: Eff
         return 1
     loaded = read_snapshot(root).version("nvidia")
     if loaded != config.driver_version:
-        return 0  # deferred again, or refused: the swap unit's run said why
+        after = make_plan(root, config)
+        if after.action == DEFER and after.waits_for == "idle":
+            return 0  # busy again: the swap unit's run deferred it anew
+        # Refused or rolled back (the swap unit's run said why): starting it again every tick would
+        # repeat that, so the deferral ends here.
+        state.remove(DEFERRED_RECORD)
+        reporter.event("refused", f"the deferred swap to {config.driver_version} was tried and did not complete "
+                       f"({after.reason}); the timer stops retrying it", "err", reason=after.reason,
+                       expected_version=config.driver_version, loaded_version=loaded)
+        return 0
     state.remove(DEFERRED_RECORD)
     if config.gpu_units:
         # They were skipped while the swap was deferred, and GPU state they set (power limits, MIG,
@@ -277,8 +319,12 @@ def _status(root: Root, config: Config, as_json: bool) -> int:
                                else {"last_swap": None, "pending": None})
     try:
         record = StateDir(root(config.state_dir)).deferred()
+        failure = StateDir(root(config.state_dir)).failed()
     except StateError:
-        record = None
+        record, failure = None, None
+    # A swap to this driver that failed is not tried again: say so even without a journal to read.
+    blocked = ({"expected_version": failure.driver_version, "why": failure.reason}
+               if failure is not None and failure.driver_version == config.driver_version and change else None)
     if record is not None and change:
         import time
 
@@ -299,6 +345,7 @@ def _status(root: Root, config: Config, as_json: bool) -> int:
             "interrupted_swap": pending,
             "last_swap": history["last_swap"],
             "deferred": history["pending"],
+            "blocked": blocked,
         }, indent=2))
         return 0
     print(f"expected driver: {config.driver_version} (for kernel {config.kernel_release})")
@@ -313,6 +360,9 @@ def _status(root: Root, config: Config, as_json: bool) -> int:
     last = history["last_swap"]
     if last:
         print(f"last swap:       {last['when']}: {last['result']} ({last['from'] or 'none'} -> {last['to']})")
+    if blocked:
+        print(f"blocked:         the swap to {blocked['expected_version']} failed: {blocked['why']}; not tried again "
+              "until `nvidia-kmod-swap swap --retry` or another driver")
     if history["pending"] and change:
         deferred = history["pending"]
         print(f"deferred since:  {deferred['since']}: {deferred['why']}")

@@ -99,8 +99,15 @@ NODE_MODULES = ("nvidia", "nvidia_modeset", "nvidia_uvm")  # the modules whose a
 # NVIDIA/nvidia-modprobe: NV_CAP_DEVICE_NAME "/dev/nvidia-caps/nvidia-cap%d",
 # NV_CAPS_IMEX_CHANNEL_DEVICE_NAME "/dev/nvidia-caps-imex-channels/channel%d"), with the dynamic
 # major the driver registered under that name in /proc/devices (kernel-open/nvidia/nv-caps.c,
-# nv-caps-imex.c). The minor is the capability's and survives a reload; the major may not.
-MODPROBE_NODE_DIRS = {"/dev/nvidia-caps": "nvidia-caps", "/dev/nvidia-caps-imex-channels": "nvidia-caps-imex-channels"}
+# nv-caps-imex.c). The minor is the capability's and survives a reload; the major may not. The
+# same for NVSwitch and NVLink (NV_NVSWITCH_CTL_NAME "/dev/nvidia-nvswitchctl",
+# NV_NVSWITCH_DEVICE_NAME "/dev/nvidia-nvswitch%d", NV_NVLINK_DEVICE_NAME "/dev/nvidia-nvlink",
+# made by nvidia_nvswitch_mknod / nvidia_nvlink_mknod with the major of "nvidia-nvswitch" and
+# "nvidia-nvlink" in /proc/devices). (directory, name prefix, /proc/devices name)
+MODPROBE_NODES = (("/dev/nvidia-caps", "", "nvidia-caps"),
+                  ("/dev/nvidia-caps-imex-channels", "", "nvidia-caps-imex-channels"),
+                  ("/dev", "nvidia-nvswitch", "nvidia-nvswitch"),
+                  ("/dev", "nvidia-nvlink", "nvidia-nvlink"))
 
 
 class NodeFix(NamedTuple):
@@ -130,12 +137,14 @@ def char_nodes(root: Root, directory: str) -> dict[str, tuple[int, int]]:
 
 
 def modprobe_node_fixes(root: Root) -> list[NodeFix]:
-    """Nodes under MODPROBE_NODE_DIRS whose major is not the one the loaded driver registered."""
+    """Nodes of MODPROBE_NODES whose major is not the one the loaded driver registered."""
     majors = char_majors(root)
     fixes = []
-    for directory, name in MODPROBE_NODE_DIRS.items():
+    for directory, prefix, name in MODPROBE_NODES:
         want = majors.get(name)
         for path, (major, minor) in sorted(char_nodes(root, directory).items()):
+            if not path.rpartition("/")[2].startswith(prefix):
+                continue
             if major != want:
                 fixes.append(NodeFix(path, want, minor, major))
     return fixes

@@ -74,7 +74,7 @@ class Effects(Protocol):
     def unblock_autoload(self) -> None: ...
     def route_by_name(self, text: str | None) -> None: ...
     def systemctl(self, args: list[str]) -> None: ...
-    def run_command(self, argv: list[str], timeout: float) -> tuple[int, str]: ...
+    def run_command(self, argv: list[str], timeout: float) -> tuple[int, str, str]: ...
     def set_gc_roots(self, directory: str, targets: dict[str, str]) -> None: ...
 
 
@@ -211,13 +211,13 @@ class SystemEffects:
         if proc.returncode != 0:
             raise EffectError(f"systemctl {' '.join(args)}: {proc.stderr.strip() or f'exit {proc.returncode}'}")
 
-    def run_command(self, argv: list[str], timeout: float) -> tuple[int, str]:
-        """(exit status, stdout and stderr); EffectError when it cannot run or times out."""
+    def run_command(self, argv: list[str], timeout: float) -> tuple[int, str, str]:
+        """(exit status, stdout, stderr); EffectError when it cannot run or times out."""
         try:
             proc = subprocess.run(argv, capture_output=True, text=True, errors="surrogateescape", timeout=timeout)
         except (OSError, subprocess.TimeoutExpired) as e:
             raise EffectError(f"{argv[0]} could not run: {e}") from e
-        return proc.returncode, proc.stdout + ("\n" + proc.stderr if proc.stderr else "")
+        return proc.returncode, proc.stdout, proc.stderr
 
     # -- Nix GC roots ----------------------------------------------------------------------------
     def set_gc_roots(self, directory: str, targets: dict[str, str]) -> None:

@@ -407,6 +407,31 @@ def restore_problems(snapshot: Snapshot, target: Iterable[LoadStep]) -> list[str
     return problems
 
 
+# What retry-deferred does with a deferral (deferral_step).
+START, DROP, WAIT = "start", "drop", "wait"
+
+
+def deferral_step(waits_for: str, gpu_busy: bool, plan: Plan | None) -> str:
+    """The deferral policy, for a timer tick: START the swap unit, DROP the deferral (nothing left
+    to do, or a swap that cannot run: a refusal is reported once, never retried every tick), or
+    WAIT for the next tick. PLAN is made only once the GPU is idle (None before)."""
+    if waits_for != "idle" or gpu_busy or plan is None:
+        return WAIT  # a new kernel waits for a reboot; a busy GPU for the next tick
+    if plan.action in (LOAD, SWAP):
+        return START
+    if plan.action == DEFER and plan.waits_for == "idle":
+        return WAIT  # a holder the process list did not show (a kernel reference)
+    return DROP  # nothing to do, refused, or waiting for a reboot now
+
+
+def changed_since(snapshot: Snapshot, plan: Plan) -> bool:
+    """Whether sysfs shows a change of the driver PLAN was about to make: a module it would unload
+    is gone or another, or a module it loads is there that was not loaded before."""
+    before = {s.name for s in plan.rollback}
+    return bool(restore_problems(snapshot, plan.rollback)) or any(
+        s.name in snapshot.modules for s in plan.load if s.name not in before)
+
+
 def refuse_repeat(plan: Plan, failure: dict[str, Any] | None, record_path: str) -> Plan:
     """Don't retry a swap that already failed with the very same files.
 

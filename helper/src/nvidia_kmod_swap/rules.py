@@ -133,16 +133,23 @@ def _command(key: str, value: object) -> tuple[str, ...] | None:
     return argv
 
 
+def _finite(value: object) -> bool:
+    """A JSON number that is not NaN or infinite (Python's json reads NaN and Infinity; NaN
+    compares false with everything, so `NaN <= 0` would let it through and a wait never end)."""
+    return (not isinstance(value, bool) and isinstance(value, (int, float))
+            and value == value and value not in (float("inf"), float("-inf")))
+
+
 def _positive(key: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ConfigError(f"config key {key!r}: expected a positive number, got {value!r}")
-    return float(value)
+    if not _finite(value) or value <= 0:  # type: ignore[operator]
+        raise ConfigError(f"config key {key!r}: expected a finite positive number, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
 
 
 def _not_negative(key: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ConfigError(f"config key {key!r}: expected a number >= 0, got {value!r}")
-    return float(value)
+    if not _finite(value) or value < 0:  # type: ignore[operator]
+        raise ConfigError(f"config key {key!r}: expected a finite number >= 0, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
 
 
 def _unit(key: str, value: object) -> str:
@@ -164,7 +171,7 @@ PARSERS: dict[str, Callable[[str, object], Any]] = {
     "rollback_dirs": _abs_list,
     "on_busy": _choice(ON_BUSY),
     "on_kernel_change": _choice(ON_KERNEL_CHANGE),
-    "stop_units": _str_list,
+    "stop_units": _units,  # compared with a holder's unit, which always has its suffix
     "verify_command": _command,
     "settle_timeout_s": _positive,
     "state_dir": lambda k, v: _abs(k, _str(k, v)),

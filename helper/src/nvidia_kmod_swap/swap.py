@@ -28,7 +28,18 @@ from .holders import wait_until_released
 from .journal import Reporter
 from .modinfo import ModInfo, ModuleFiles
 from .paths import Root
-from .plan import DEFER, NONE, REFUSE, LoadStep, Plan, allowed, plan_restore, q, restore_problems
+from .plan import (
+    DEFER,
+    NONE,
+    REFUSE,
+    LoadStep,
+    Plan,
+    allowed,
+    changed_since,
+    plan_restore,
+    q,
+    restore_problems,
+)
 from .rules import AUTOLOAD_BLOCK, CORE, FIRMWARE_PATH
 from .snapshot import Snapshot, read_snapshot
 from .state import (
@@ -46,12 +57,15 @@ from .state import (
 )
 
 EXIT_OK, EXIT_REFUSED, EXIT_ROLLED_BACK, EXIT_ROLLBACK_FAILED, EXIT_DEFERRED = 0, 1, 3, 4, 75
+# A load with no driver loaded before failed: what did load is kept (there is no driver to go back
+# to), the failure is recorded and reported.
+EXIT_LOAD_FAILED = 5
 LOCK_FILE = "lock"
 # Test hook for the crash scenarios: SIGKILL ourselves right after the state for step N is written.
 FAILPOINT_ENV = "NVIDIA_KMOD_SWAP_KILL_AT_STEP"
 VERIFY_TIMEOUT_S = 60.0
 
-__all__ = ["EXIT_DEFERRED", "EXIT_OK", "EXIT_REFUSED", "EXIT_ROLLBACK_FAILED", "EXIT_ROLLED_BACK", "STATE_FILE",
+__all__ = ["EXIT_DEFERRED", "EXIT_LOAD_FAILED", "EXIT_OK", "EXIT_REFUSED", "EXIT_ROLLBACK_FAILED", "EXIT_ROLLED_BACK", "STATE_FILE",
            "SwapFailed", "Swapper", "Terminated", "defer", "plan_after_grace"]
 
 
@@ -328,21 +342,31 @@ class Swapper:
             self._verify(plan.load, plan.expected_version, watch)
         except Exception as e:  # any failure after the first change is rolled back, whatever it was
             reason = str(e) or type(e).__name__
-            if not swap.changed:
+            # What changed is what sysfs shows, not how far this run believes it got: a SIGTERM
+            # landing while delete_module runs leaves the module gone and `changed` unset.
+            after = read_snapshot(self.root)
+            changed = swap.changed or changed_since(after, plan)
+            # A stop (SIGTERM) says nothing about the driver: the next start may try again.
+            failure = None if isinstance(e, Terminated) else FailedRecord(
+                plan.expected_version, tuple(s.path for s in plan.load), reason)
+            if plan.loaded_version is None:
+                return self._load_failed(plan, swap, reason, after, changed, failure)
+            if not changed:
                 self.state.remove(STATE_FILE)
                 self.reporter.event("refused", f"swap to {plan.expected_version} failed before anything changed: "
                                     f"{reason}. Nothing was unloaded; the loaded driver keeps running", "err", reason=reason)
                 return EXIT_REFUSED
             self.reporter.event("failed", f"swap to {plan.expected_version} failed: {reason}; rolling back "
-                                f"to {plan.loaded_version or 'no driver'}", "err", reason=reason)
+                                f"to {plan.loaded_version}", "err", reason=reason)
             code = self._rollback(swap, reason)
-            try:
-                self.state.write(FAILED_RECORD, FailedRecord(plan.expected_version, tuple(s.path for s in plan.load),
-                                                             reason).to_json())
-            except OSError as e:
-                self.reporter.event("step", f"could not write {FAILED_RECORD} ({e.strerror})", "warning")
+            self._record_failure(failure)
             return code
-        self._finish(plan.load, plan.expected_version)
+        try:
+            self._finish(plan.load, plan.expected_version)
+        except OSError as e:
+            # The driver is loaded and verified; only the records are missing (a full /run).
+            self.reporter.event("step", f"could not record the swap in {self.state.path}: {e.strerror}; the next "
+                                "bump may find no file to roll back to", "warning")
         self.state.remove(FAILED_RECORD)
         self.state.remove(DEFERRED_RECORD)
         self.reporter.event("swapped", f"NVIDIA driver {plan.expected_version} loaded"
@@ -350,6 +374,42 @@ class Swapper:
                             modules=[s.name for s in plan.load], loaded_version=plan.expected_version,
                             previous_version=plan.loaded_version, direction=plan.direction)
         return EXIT_OK
+
+    def _record_failure(self, failure: FailedRecord | None) -> None:
+        if failure is None:
+            return
+        try:
+            self.state.write(FAILED_RECORD, failure.to_json())
+        except OSError as e:
+            self.reporter.event("step", f"could not write {FAILED_RECORD} ({e.strerror})", "warning")
+
+    def _load_failed(self, plan: Plan, swap: SwapState, reason: str, after: Snapshot, changed: bool,
+                     failure: FailedRecord | None) -> int:
+        """A load with no NVIDIA driver loaded before failed. Nothing is rolled back to "no driver"
+        (at boot, one GPU of eight failing verification would leave none working): what loaded is
+        kept, the failure recorded so that a restart does not try the same files again, and the
+        message says what is loaded now."""
+        self.state.remove(STATE_FILE)
+        self._record_failure(failure)
+        names = [s.name for s in plan.load]
+        loaded = [n for n in names if n in after.modules]
+        others = [n for n in plan.prerequisites if n in after.modules]
+        if changed and loaded:
+            kept = describe_loaded(after, loaded)
+            self.reporter.event("failed", f"loading the NVIDIA driver {plan.expected_version} failed: {reason}. Kept what "
+                                f"loaded ({kept}): there was no driver before it to go back to; not loaded: "
+                                f"{', '.join(n for n in names if n not in loaded) or 'none'}", "crit", reason=reason,
+                                loaded_version=None, expected_version=plan.expected_version)
+            if set(loaded) == set(names):
+                try:
+                    self._finish(tuple(s for s in plan.load if s.name in loaded), plan.expected_version)
+                except OSError:
+                    pass
+        else:
+            self.reporter.event("failed", f"loading the NVIDIA driver {plan.expected_version} failed: {reason}. No NVIDIA "
+                                "driver is loaded" + (f" (loaded for it: {', '.join(others)})" if others else ""),
+                                "err", reason=reason, loaded_version=None, expected_version=plan.expected_version)
+        return EXIT_LOAD_FAILED
 
     def _unload(self, name: str) -> None:
         """Unloads NAME; a reference that goes away within busy_grace_s (an NVML client closing
@@ -473,13 +533,16 @@ class Swapper:
     def _run_verify_command(self, command: tuple[str, ...], expected: str) -> None:
         argv = list(command)
         try:
-            status, output = self.effects.run_command(argv, VERIFY_TIMEOUT_S)
+            status, output, errors = self.effects.run_command(argv, VERIFY_TIMEOUT_S)
         except EffectError as e:
             raise SwapFailed(f"verify command: {e}") from e
+        # Its answer is stdout, one line per GPU; stderr (a warning of a working nvidia-smi) is only
+        # quoted when the answer is wrong.
         lines = [line.strip() for line in output.splitlines() if line.strip()]
         if status != 0 or not lines or any(line != expected for line in lines):
+            said = f"; stderr {q(errors.strip().replace(chr(10), ' | '))}" if errors.strip() else ""
             raise SwapFailed(f"verify command {' '.join(argv)} exited {status} with "
-                             f"{q(output.strip().replace(chr(10), ' | '))}, expected {expected}")
+                             f"{q(output.strip().replace(chr(10), ' | '))}{said}, expected {expected}")
 
     # -- rollback and recovery -------------------------------------------------------------------
     def _rollback(self, swap: SwapState, reason: str) -> int:
@@ -496,6 +559,13 @@ class Swapper:
             self.reporter.event("recovery", f"nothing to roll back: sysfs shows {old} as before "
                                 f"({describe_loaded(snapshot, [s.name for s in target])})", "warning")
             return EXIT_REFUSED
+        # A process that opened the new /dev/nvidiactl for a moment (an exporter, an nvidia-smi
+        # poller) is waited out as the forward path waits for it: busy_grace_s.
+        deadline = time.monotonic() + self.config.busy_grace_s
+        while restore.blocked and time.monotonic() < deadline:
+            time.sleep(0.1)
+            snapshot = read_snapshot(self.root)
+            restore = plan_restore(snapshot, target, scope=[s.name for s in swap.load])
         if restore.blocked:
             return self._rollback_failed(swap, reason, snapshot, (
                 f"{', '.join(restore.blocked)} cannot be unloaded (references that are not modules: an open "
@@ -503,7 +573,7 @@ class Swapper:
         watch = devices.UdevWatch(self.root)
         try:
             for name in restore.unload:
-                self.effects.unload(name)
+                self._unload(name)
             if restore.load and swap.rollback_firmware_path is not None:
                 self._point_firmware(swap.rollback_firmware_path)
             for step in restore.load:
@@ -564,7 +634,13 @@ class Swapper:
                     pass
             self.reporter.event("recovery", f"an interrupted swap (at {swap.phase}, step {swap.step}) is rolled back "
                                 f"to {swap.loaded_version or 'no driver'}", "warning")
-            return self._rollback(swap, f"recovering from an interrupted swap at {swap.phase}")
+            reason = f"interrupted at {swap.phase} (step {swap.step}): the run was killed"
+            code = self._rollback(swap, reason)
+            if code == EXIT_ROLLED_BACK:
+                # Not tried again on the next start: a swap that kills its run (a hung module init,
+                # the start timeout's SIGKILL) would take the GPU away on every restart.
+                self._record_failure(FailedRecord(swap.expected_version, tuple(s.path for s in swap.load), reason))
+            return code
         finally:
             if swap.stopped_units:
                 self._start_units(swap.stopped_units)
