@@ -241,11 +241,11 @@ def _retry_deferred(root: Root, config: Config, reporter: Reporter, effects: Eff
     reporter.event("retry", f"the GPU is idle: finishing the swap to {config.driver_version} deferred {waited:.0f}s "
                    f"ago ({record.reason}); starting {config.swap_unit}", "notice",
                    expected_version=config.driver_version, loaded_version=plan.loaded_version)
+    start_error = None
     try:
         effects.systemctl(["start", config.swap_unit])
     except EffectError as e:
-        reporter.event("failed", f"starting {config.swap_unit} for the deferred swap failed: {e}", "err", reason=str(e))
-        return 1
+        start_error = str(e)  # the unit failed: its own run said why in the journal
     loaded = read_snapshot(root).version("nvidia")
     if loaded != config.driver_version:
         after = make_plan(root, config)
@@ -254,10 +254,15 @@ def _retry_deferred(root: Root, config: Config, reporter: Reporter, effects: Eff
         # Refused or rolled back (the swap unit's run said why): starting it again every tick would
         # repeat that, so the deferral ends here.
         state.remove(DEFERRED_RECORD)
+        why = f"{start_error}; " if start_error else ""
         reporter.event("refused", f"the deferred swap to {config.driver_version} was tried and did not complete "
-                       f"({after.reason}); the timer stops retrying it", "err", reason=after.reason,
+                       f"({why}{after.reason}); the timer stops retrying it", "err", reason=after.reason,
                        expected_version=config.driver_version, loaded_version=loaded)
-        return 0
+        return 1 if start_error else 0
+    if start_error:
+        reporter.event("failed", f"starting {config.swap_unit} failed after the swap to {config.driver_version}: "
+                       f"{start_error}", "err", reason=start_error)
+        return 1
     state.remove(DEFERRED_RECORD)
     if config.gpu_units:
         # They were skipped while the swap was deferred, and GPU state they set (power limits, MIG,

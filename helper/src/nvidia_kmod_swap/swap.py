@@ -63,6 +63,9 @@ EXIT_LOAD_FAILED = 5
 LOCK_FILE = "lock"
 # Test hook for the crash scenarios: SIGKILL ourselves right after the state for step N is written.
 FAILPOINT_ENV = "NVIDIA_KMOD_SWAP_KILL_AT_STEP"
+# Test hook for a stop job's SIGTERM landing while step N's syscall runs: sent to ourselves right
+# after the kernel has done step N, before this run has noted it.
+TERM_FAILPOINT_ENV = "NVIDIA_KMOD_SWAP_TERM_AFTER_STEP"
 VERIFY_TIMEOUT_S = 60.0
 
 __all__ = ["EXIT_DEFERRED", "EXIT_LOAD_FAILED", "EXIT_OK", "EXIT_REFUSED", "EXIT_ROLLBACK_FAILED", "EXIT_ROLLED_BACK", "STATE_FILE",
@@ -134,6 +137,7 @@ class Swapper:
         self.lock_timeout_s = lock_timeout_s  # default: config.lock_timeout_s
         self.retry = retry
         self.kill_at_step = _env_int(FAILPOINT_ENV) if kill_at_step == _FROM_ENV else kill_at_step
+        self.term_after_step = _env_int(TERM_FAILPOINT_ENV) if kill_at_step == _FROM_ENV else None
         self._step = 0
         self._terminated = False
 
@@ -237,6 +241,10 @@ class Swapper:
             os.kill(os.getpid(), signal.SIGKILL)
         self._step += 1
 
+    def _term_failpoint(self) -> None:
+        if self.term_after_step is not None and self.term_after_step == self._step - 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler raises Terminated here
+
     # -- executing a plan ------------------------------------------------------------------------
     def _execute(self, plan: Plan) -> int:
         fields: dict[str, object] = dict(action=plan.action, loaded_version=plan.loaded_version,
@@ -331,12 +339,14 @@ class Swapper:
             for name in plan.unload:
                 self._record_step(swap, "unloading", f"unload {name} {plan.loaded_version or ''}".strip())
                 self._unload(name)
+                self._term_failpoint()
                 swap.changed = True
             if self.config.firmware_path is not None:
                 self._point_firmware(self.config.firmware_path)
             for step in plan.load:
                 self._record_step(swap, "loading", f"load {step.path} {step.params}".strip())
                 self.effects.load(step.path, step.params)
+                self._term_failpoint()
                 swap.changed = True
             self._record_step(swap, "verifying", "verify versions, device nodes and the verify command")
             self._verify(plan.load, plan.expected_version, watch)
