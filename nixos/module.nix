@@ -96,6 +96,10 @@ let
     inherit modules;
     # What the running system booted with; the helper also remembers what it loaded itself.
     rollback_dirs = [ "/run/booted-system/kernel-modules/lib/modules/${release}" ];
+    # This generation's kernel image, as /run/booted-system/kernel names the booted one (kernel.nix:
+    # kernelPath, `ln -s ${kernelPath} $out/kernel`): a kernel rebuilt with the same release
+    # (modDirVersion) is a kernel change too.
+    kernel_image = "${kernel}/${config.system.boot.loader.kernelFile}";
     on_busy = cfg.onBusy;
     on_kernel_change = cfg.onKernelChange;
     # Unit names with their suffix, as the helper compares them with a holder's unit.

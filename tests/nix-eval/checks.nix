@@ -282,6 +282,11 @@ in
         want = [ "/run/booted-system/kernel-modules/lib/modules/6.18.1" ];
       }
       {
+        what = "kernel_image (what /run/booted-system/kernel names for the booted generation)";
+        got = (json base).kernel_image;
+        want = "${(config base).boot.kernelPackages.kernel}/bzImage";
+      }
+      {
         what = "defaults";
         got = {
           inherit (json base)

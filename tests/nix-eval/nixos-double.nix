@@ -446,6 +446,12 @@
           type = lib.types.attrsOf lib.types.anything;
           default = { };
         };
+        # nixos/modules/system/activation/top-level.nix (NixOS/nixpkgs 01502f43): internal, default
+        # pkgs.stdenv.hostPlatform.linux-kernel.target ("bzImage" on x86_64).
+        system.boot.loader.kernelFile = lib.mkOption {
+          type = lib.types.str;
+          default = "bzImage";
+        };
         boot.loader.grub.enable = lib.mkOption {
           type = lib.types.bool;
           default = true;

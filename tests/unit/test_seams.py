@@ -237,3 +237,20 @@ def test_nvswitch_and_nvlink_nodes_follow_their_majors(tmp_path):
     assert os.major(os.stat(tmp_path / "dev/nvidia-nvswitchctl").st_rdev) == 511
     assert os.minor(os.stat(tmp_path / "dev/nvidia-nvswitchctl").st_rdev) == 255
     assert os.major(os.stat(tmp_path / "dev/nvidia-nvlink").st_rdev) == 510
+
+
+def test_a_kernel_rebuilt_with_the_same_release_waits_for_a_reboot(system, store, trees):
+    """A kernel config or patch change keeps modDirVersion; the generation's modules are built for
+    the new image, not the running one: the same release, but not the booted kernel."""
+    from nvidia_kmod_swap.facts import make_plan
+
+    system.load_driver(OLD)
+    link = system.base / "run/booted-system/kernel"
+    link.parent.mkdir(parents=True)
+    link.symlink_to("/nix/store/aaaa-linux-6.1.0-56/bzImage")
+    config = parse(make_config(store, [trees[1]], [trees[0]], kernel_image="/nix/store/bbbb-linux-6.1.0-56/bzImage"))
+    plan = make_plan(system.root, config)
+    assert plan.action == "defer" and plan.waits_for == "reboot", plan.reason
+    assert "rebuilt" in plan.reason
+    same = parse(make_config(store, [trees[1]], [trees[0]], kernel_image="/nix/store/aaaa-linux-6.1.0-56/bzImage"))
+    assert make_plan(system.root, same).action == "swap"

@@ -31,6 +31,7 @@ class Config(NamedTuple):
     allowed_prefixes: tuple[str, ...] = ("/nix/store/",)
     gc_root_dir: str | None = None  # where the loaded driver's files get a Nix GC root (NixOS sets it)
     firmware_path: str | None = None  # this generation's firmware dir (NixOS: hardware.firmware/lib/firmware)
+    kernel_image: str | None = None  # this generation's kernel image (NixOS: ${kernel}/${kernelFile})
     busy_grace_s: float = 5.0  # how long a holder may take to close /dev/nvidia* (NVML opens it briefly)
     lock_timeout_s: float = 60.0  # how long to wait for another run's lock
     swap_unit: str = "nvidia-persistenced.service"  # the unit whose start runs `swap`

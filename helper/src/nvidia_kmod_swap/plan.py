@@ -153,20 +153,34 @@ def driver_current(snapshot: Snapshot, config: Config, foreign: Iterable[str] = 
     return set(stale_modules(snapshot, config)) <= set(foreign)
 
 
+def kernel_change(snapshot: Snapshot, config: Config) -> str | None:
+    """Why the profile's modules cannot be loaded into the running kernel, or None: another
+    release, or the same release rebuilt (another kernel image than the booted one: a config or
+    patch change keeps modDirVersion, and its modules need not fit the running kernel's symbols)."""
+    if config.kernel_release != snapshot.kernel_release:
+        return f"built for kernel {config.kernel_release}, but kernel {snapshot.kernel_release} is running"
+    if config.kernel_image and snapshot.booted_kernel_image and config.kernel_image != snapshot.booted_kernel_image:
+        return (f"built for the kernel {config.kernel_image}, but the machine booted {snapshot.booted_kernel_image} "
+                f"(the same release {config.kernel_release}, rebuilt)")
+    return None
+
+
 def triage(snapshot: Snapshot, config: Config, foreign: Iterable[str] = ()) -> Plan | None:
     """The decisions that need no module files beyond FOREIGN: nothing to do, a kernel that changed,
     or a kernel that refuses module changes. None when a load or swap is wanted."""
     base = _base(snapshot, config)
+    changed = kernel_change(snapshot, config)
     if driver_current(snapshot, config, foreign):
         reason = f"loaded NVIDIA driver {config.driver_version} matches the system profile"
-        if config.kernel_release != snapshot.kernel_release:
-            reason += f"; kernel {config.kernel_release} is waiting for a reboot"
+        if changed:
+            waiting = (config.kernel_release if config.kernel_release != snapshot.kernel_release
+                       else f"{config.kernel_release} (rebuilt: {config.kernel_image})")
+            reason += f"; kernel {waiting} is waiting for a reboot"
         return Plan(NONE, reason, **base)
     what = (f"loaded NVIDIA driver is {q(base['loaded_version'])}" if base["loaded_version"]
             else "no NVIDIA driver is loaded")
-    if config.kernel_release != snapshot.kernel_release:
-        reason = (f"{what}, the profile has {config.driver_version} built for kernel {config.kernel_release}, "
-                  f"but kernel {snapshot.kernel_release} is running: a reboot is required")
+    if changed:
+        reason = f"{what}, the profile has {config.driver_version} {changed}: a reboot is required"
         return Plan(DEFER if config.on_kernel_change == "defer" else REFUSE, reason, waits_for="reboot", **base)
     try:
         direction(base["loaded_version"], config.driver_version)

@@ -26,6 +26,8 @@ AUTOLOAD_BLOCK = "/run/modprobe.d/nvidia-kmod-swap.conf"
 # hardware.firmware. The driver loads its GSP firmware from nvidia/<its version>/ there.
 FIRMWARE_PATH = "/sys/module/firmware_class/parameters/path"
 DEFAULT_STATE_DIR = "/run/nvidia-kmod-swap"
+# The booted generation's kernel image (nixpkgs kernel.nix: ln -s ${kernelPath} $out/kernel).
+BOOTED_KERNEL_IMAGE = "/run/booted-system/kernel"
 DEFAULT_CONFIG = "/etc/nvidia-kmod-swap/config.json"  # under --root
 LOG_TARGETS = ("auto", "journal", "stderr")
 DEFAULT_MODULES = ("nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm")
@@ -178,6 +180,7 @@ PARSERS: dict[str, Callable[[str, object], Any]] = {
     "allowed_prefixes": _abs_list,
     "gc_root_dir": lambda k, v: None if v is None else _abs(k, _str(k, v)),
     "firmware_path": lambda k, v: None if v is None else _abs(k, _str(k, v)),
+    "kernel_image": lambda k, v: None if v is None else _abs(k, _str(k, v)),
     "busy_grace_s": _not_negative,
     "lock_timeout_s": _positive,
     "swap_unit": _unit,

@@ -6,13 +6,14 @@ The loaded driver's version comes from /sys/module/nvidia/version, never from th
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, NamedTuple
 
 from .paths import Root
 
 if TYPE_CHECKING:
     from pathlib import Path
-from .rules import driver_closure, holders_closure, parse_proc_modules
+from .rules import BOOTED_KERNEL_IMAGE, driver_closure, holders_closure, parse_proc_modules
 
 
 class LoadedModule(NamedTuple):
@@ -37,6 +38,8 @@ class Snapshot(NamedTuple):
     kernel_release: str
     modules: dict[str, LoadedModule]
     modules_disabled: bool = False  # /proc/sys/kernel/modules_disabled: no load or unload until reboot
+    # The kernel image the machine booted (NixOS: /run/booted-system/kernel, resolved), if known.
+    booted_kernel_image: str | None = None
 
     def version(self, name: str) -> str | None:
         module = self.modules.get(name)
@@ -89,4 +92,6 @@ def read_snapshot(root: Root) -> Snapshot:
             state=fields[4],
         )
     disabled = read_text(root("/proc/sys/kernel/modules_disabled")) == "1"
-    return Snapshot(kernel_release=release, modules=modules, modules_disabled=disabled)
+    booted = root(BOOTED_KERNEL_IMAGE)
+    image = os.path.realpath(booted) if os.path.lexists(booted) else None
+    return Snapshot(kernel_release=release, modules=modules, modules_disabled=disabled, booted_kernel_image=image)
