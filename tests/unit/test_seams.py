@@ -254,3 +254,20 @@ def test_a_kernel_rebuilt_with_the_same_release_waits_for_a_reboot(system, store
     assert "rebuilt" in plan.reason
     same = parse(make_config(store, [trees[1]], [trees[0]], kernel_image="/nix/store/aaaa-linux-6.1.0-56/bzImage"))
     assert make_plan(system.root, same).action == "swap"
+
+
+def test_the_rollback_loads_the_old_driver_with_its_own_options(system, store, trees):
+    """The new generation's modprobe.d has an option only the new driver knows; the booted
+    generation's (/run/booted-system/etc/modprobe.d) is what the old driver was loaded with. The
+    rollback uses the latter (0c4fa7d: the new generation's, which the old driver may reject)."""
+    booted = system.base / "run/booted-system/etc/modprobe.d"
+    booted.mkdir(parents=True)
+    (booted / "nixos.conf").write_text("options nvidia NVreg_PreserveVideoMemoryAllocations=1\n")
+    (system.base / "etc/modprobe.d").mkdir(parents=True, exist_ok=True)
+    (system.base / "etc/modprobe.d/nixos.conf").write_text("options nvidia NVreg_OnlyInTheNewDriver=1\n")
+    system.load_driver(OLD)
+    config = parse(make_config(store, [trees[1]], [trees[0]]))
+    effects = FakeEffects(system, always_fail={("load", str(trees[1] / "misc/nvidia-uvm.ko")): 19})
+    assert swapper(system, config, effects).run() == EXIT_ROLLED_BACK
+    assert system.versions() == BEFORE
+    assert system.modules["nvidia"].params == "NVreg_PreserveVideoMemoryAllocations=1"

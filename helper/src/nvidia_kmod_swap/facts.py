@@ -14,7 +14,7 @@ from .paths import Root
 from .plan import Candidate, Inventory, LoadStep, Plan, foreign_modules, plan_change, refuse_repeat, stale_modules, triage
 from .rules import CORE
 from .snapshot import Snapshot, read_snapshot
-from .state import FAILED_RECORD, StateDir
+from .state import FAILED_RECORD, LoadedRecord, StateDir
 
 
 def candidate(path: Path, top: str = "") -> Candidate:
@@ -98,6 +98,20 @@ def driver_modules(loaded: Iterable[LoadStep], version: str) -> list[ModInfo]:
     return list(found.values())
 
 
+def _rollback_params(root: Root, family: list[str], params: dict[str, str], record: LoadedRecord | None,
+                     loaded_version: str | None) -> dict[str, str]:
+    """The options the loaded driver's modules were loaded with: what this helper recorded when it
+    loaded them, else the booted generation's modprobe.d (and the kernel command line), else, where
+    neither is known, today's."""
+    if not family:
+        return {}
+    booted_texts = params_mod.config_texts(root, booted=True)
+    found = dict(params_mod.collect(root, family, booted_texts) if booted_texts else params)
+    if record is not None and record.driver_version == loaded_version:
+        found.update({m.name: m.params for m in record.modules if m.name in family})
+    return found
+
+
 def make_plan(root: Root, config: Config, snapshot: Snapshot | None = None, retry: bool = False) -> Plan:
     snapshot = snapshot or read_snapshot(root)
     trees = ModuleFiles(config.module_dirs)  # each directory indexed once for all lookups
@@ -126,9 +140,11 @@ def make_plan(root: Root, config: Config, snapshot: Snapshot | None = None, retr
            if family else {})
     names = set(family) | set(config.modules) | set(new)
     params = params_mod.collect(root, names, modprobe_d)
+    rollback_params = _rollback_params(root, family, params, loaded_record, snapshot.version(CORE))
     gpu_holders = holders_mod.find_holders(root) if family else []
     missing = tuple(d for d in config.module_dirs if not os.path.isdir(d))
-    plan = plan_change(snapshot, config, new, old, params, gpu_holders, soft=tuple(soft), missing_dirs=missing)
+    plan = plan_change(snapshot, config, new, old, params, gpu_holders, soft=tuple(soft), missing_dirs=missing,
+                       rollback_params=rollback_params)
     if retry:
         return plan
     failed = state.failed()

@@ -20,9 +20,14 @@ def _norm(name: str) -> str:
     return name.replace("-", "_")
 
 
-def _config_files(root: Root) -> list[Path]:
+# The booted generation's /etc/modprobe.d on NixOS (its etc, kept until reboot): the options the
+# booted driver was loaded with, while /etc already has the new generation's.
+BOOTED_MODPROBE_DIR = "/run/booted-system/etc/modprobe.d"
+
+
+def _config_files(root: Root, dirs: tuple[str, ...] = MODPROBE_DIRS) -> list[Path]:
     chosen: dict[str, Path] = {}
-    for directory in MODPROBE_DIRS:
+    for directory in dirs:
         try:
             entries = sorted(root(directory).iterdir())
         except (FileNotFoundError, NotADirectoryError):
@@ -129,10 +134,18 @@ def parse_cmdline(cmdline: str) -> list[tuple[str, str]]:
     return options
 
 
-def config_texts(root: Root) -> list[str]:
-    """The text of each modprobe.d file modprobe would read, in its order (unreadable ones skipped)."""
+def config_texts(root: Root, booted: bool = False) -> list[str]:
+    """The text of each modprobe.d file modprobe would read, in its order (unreadable ones skipped).
+    BOOTED: as at boot, with the booted generation's /etc/modprobe.d where it is known (None of it
+    where it is not: then []), for the options the booted driver was loaded with."""
+    if booted:
+        if not root(BOOTED_MODPROBE_DIR).is_dir():
+            return []
+        dirs = (BOOTED_MODPROBE_DIR,) + tuple(d for d in MODPROBE_DIRS if d != "/etc/modprobe.d")
+    else:
+        dirs = MODPROBE_DIRS
     texts = []
-    for path in _config_files(root):
+    for path in _config_files(root, dirs):
         try:
             # kmod reads bytes: a Latin-1 comment or value must not stop us (kept as surrogates)
             texts.append(path.read_bytes().decode("utf-8", errors="surrogateescape"))

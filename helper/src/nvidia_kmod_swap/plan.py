@@ -291,7 +291,7 @@ def foreign_modules(snapshot: Snapshot, config: Config, new: Inventory) -> list[
 
 def plan_change(snapshot: Snapshot, config: Config, new: Inventory, old: Inventory,
                 params: dict[str, str], holders: list[Holder], soft: tuple[str, ...] = (),
-                missing_dirs: tuple[str, ...] = ()) -> Plan:
+                missing_dirs: tuple[str, ...] = (), rollback_params: dict[str, str] | None = None) -> Plan:
     """Plan a load (nothing loaded) or a swap (another version loaded); refuse or defer otherwise."""
     base = _base(snapshot, config)
     running = snapshot.kernel_release
@@ -343,7 +343,10 @@ def plan_change(snapshot: Snapshot, config: Config, new: Inventory, old: Invento
             return Plan(REFUSE, (f"no file of the loaded module(s) {', '.join(missing)} was found in the rollback "
                                  f"directories ({', '.join(config.rollback_dirs) or 'none configured'}): a failed swap "
                                  f"could not be undone, so nothing was changed"), **base)
-        rollback = [LoadStep.of(rollback_infos[n], params.get(n, "")) for n in load_order(rollback_infos)]
+        # The options the loaded modules were loaded with, not the new generation's: an option
+        # the old driver does not know would fail the rollback.
+        old_params = params if rollback_params is None else rollback_params
+        rollback = [LoadStep.of(rollback_infos[n], old_params.get(n, "")) for n in load_order(rollback_infos)]
 
     load = tuple(LoadStep.of(infos[n], params.get(n, "")) for n in load_order(infos))
     unload = tuple(unload_order(snapshot, family))

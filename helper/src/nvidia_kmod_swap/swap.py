@@ -21,6 +21,7 @@ from pathlib import Path
 from types import FrameType
 
 from . import byname, devices
+from . import params as params_mod
 from .config import Config
 from .effects import EffectError, Effects, KmodError, kmod_tool
 from .facts import driver_modules, make_plan
@@ -457,7 +458,10 @@ class Swapper:
         # _route_by_name): the next swap needs every loaded module's file to roll back to.
         shipped = self._shipped(resolved, version)
         loaded = {s.name for s in resolved}
-        record = resolved + tuple(LoadStep.of(m, "") for m in shipped if m.name not in loaded)
+        extra = [m for m in shipped if m.name not in loaded]
+        # Loaded later by name, they get today's modprobe.d options ($CMDLINE_OPTS): recorded as such.
+        options = params_mod.collect(self.root, [m.name for m in extra]) if extra else {}
+        record = resolved + tuple(LoadStep.of(m, options.get(m.name, "")) for m in extra)
         self.state.write(LOADED_RECORD, LoadedRecord(version, record).to_json())
         firmware = self._firmware_path()
         try:
