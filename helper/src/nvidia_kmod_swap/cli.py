@@ -158,7 +158,7 @@ def _check(root: Root, config: Config, reporter: Reporter) -> int:
     from .facts import make_plan
     from .plan import DEFER, REFUSE
     from .state import StateDir, StateError
-    from .swap import defer, plan_after_grace
+    from .swap import deferral, plan_after_grace, report
 
     if _swap_running(root, config):
         reporter.event("step", f"another nvidia-kmod-swap run still holds {root(config.state_dir) / 'lock'} after "
@@ -173,9 +173,9 @@ def _check(root: Root, config: Config, reporter: Reporter) -> int:
         return 255
     if plan.action == DEFER:
         retry = " (retried when the GPU is idle)" if plan.waits_for == "idle" else ""
-        defer(reporter, StateDir(root(config.state_dir)), plan, f"deferred, not starting{retry}: {plan.reason}",
-              loaded_version=plan.loaded_version, expected_version=plan.expected_version)
-        return 1
+        return report(reporter, deferral(StateDir(root(config.state_dir)), plan, 1,
+                                         f"deferred, not starting{retry}: {plan.reason}",
+                                         loaded_version=plan.loaded_version, expected_version=plan.expected_version))
     if plan.action == REFUSE:
         reporter.event("refused", f"refused: {plan.reason}", "err", reason=plan.reason,
                        loaded_version=plan.loaded_version, expected_version=plan.expected_version)
@@ -185,7 +185,7 @@ def _check(root: Root, config: Config, reporter: Reporter) -> int:
 
 def _swap(root: Root, config: Config, reporter: Reporter, effects: Effects | None, retry: bool = False) -> int:
     from .state import StateError
-    from .swap import EXIT_REFUSED, SwapFailed, Swapper
+    from .swap import EXIT_REFUSED, Refused, Swapper
 
     if effects is None:
         if not root.is_live:
@@ -196,7 +196,7 @@ def _swap(root: Root, config: Config, reporter: Reporter, effects: Effects | Non
         effects = SystemEffects(root)
     try:
         return Swapper(root, config, effects, reporter, retry=retry).run()
-    except (SwapFailed, StateError) as e:
+    except (Refused, StateError) as e:
         reporter.event("refused", f"refused: {e}", "err", reason=str(e))
         return EXIT_REFUSED
 
@@ -309,6 +309,7 @@ def _status(root: Root, config: Config, as_json: bool) -> int:
     snapshot = read_snapshot(root)
     family = snapshot.family()
     loaded = snapshot.version("nvidia")
+    change: str
     try:
         change = "" if loaded == config.driver_version else direction(loaded, config.driver_version)
     except ValueError as e:

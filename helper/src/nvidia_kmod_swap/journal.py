@@ -112,18 +112,22 @@ class Reporter:
         self.send = sender or ((lambda f: send_native(f, socket_path)) if lean or socket_path != JOURNAL_SOCKET
                                else send_systemd)
 
-    def event(self, event: str, message: str, priority: str = "info", /, **fields: object) -> None:
+    def event(self, event: str, message: str, priority: str = "info", /,
+              origin: tuple[str, int, str] | None = None, **fields: object) -> None:
+        """One journal entry. ORIGIN: (file, line, function) where it was decided, when that is
+        not the caller (swap.py's outcomes are decided in a procedure, reported in one place)."""
         # Looked up whatever the target, so that an event without an id fails every test, not
         # only the runs that log to a journal.
         message_id, level = MESSAGE_IDS[event], PRIORITY[priority]
         if self.to_journal:
             # CODE_*: where the helper decided what it reports (the caller of event), as journal.send
             # would note its own caller's place.
-            caller = sys._getframe(1)
+            if origin is None:
+                caller = sys._getframe(1)
+                origin = (caller.f_code.co_filename, caller.f_lineno, caller.f_code.co_name)
             entry = {"MESSAGE": message, "MESSAGE_ID": message_id, "PRIORITY": str(level),
                      "SYSLOG_IDENTIFIER": "nvidia-kmod-swap", "NVIDIA_EVENT": event,
-                     "CODE_FILE": caller.f_code.co_filename, "CODE_LINE": str(caller.f_lineno),
-                     "CODE_FUNC": caller.f_code.co_name}
+                     "CODE_FILE": origin[0], "CODE_LINE": str(origin[1]), "CODE_FUNC": origin[2]}
             entry.update({f"NVIDIA_{k.upper()}": _text(v) for k, v in fields.items() if v not in (None, "", (), [])})
             if not self.send(entry):
                 self.also_stderr = True

@@ -19,12 +19,14 @@ from typing import Any, NamedTuple
 
 from .config import Config
 from .holders import Holder
+from .models import DEFER, LOAD, NONE, REFUSE, SWAP, Action, Direction, LoadStep, Plan
 from .modinfo import ModInfo
 from .rules import CORE, stale
 from .snapshot import LoadedModule, Snapshot
 
-NONE, LOAD, SWAP, DEFER, REFUSE = "none", "load", "swap", "defer", "refuse"
-
+__all__ = ["DEFER", "LOAD", "NONE", "REFUSE", "SWAP", "Candidate", "Inventory", "LoadStep", "Plan", "Restore",
+           "changed_since", "deferral_step", "direction", "plan_change", "plan_restore", "refuse_repeat",
+           "restore_problems", "triage", "unload_order"]
 
 class Candidate(NamedTuple):
     """A module file found on disk: what it parsed to, or why it could not be read."""
@@ -38,55 +40,6 @@ class Candidate(NamedTuple):
 
 Inventory = dict[str, list[Candidate]]  # kernel module name -> files, in search order
 
-
-class LoadStep(NamedTuple):
-    """One module file to load, with its parameters and what its .modinfo says."""
-
-    name: str
-    path: str
-    params: str = ""
-    version: str | None = None      # what the file says: a rollback checks sysfs against these
-    srcversion: str | None = None
-
-    def matches(self, loaded: LoadedModule | None) -> bool:
-        """The loaded module is this file's: same version and, where both have one, srcversion."""
-        if loaded is None or loaded.version != self.version:
-            return False
-        return not (loaded.srcversion and self.srcversion) or loaded.srcversion == self.srcversion
-
-    @classmethod
-    def of(cls, info: ModInfo, params: str) -> LoadStep:
-        return cls(info.name, str(info.path), params, info.version, info.srcversion)
-
-
-class Plan(NamedTuple):
-    """What a swap would do now (action, unloads, loads, rollback) and why: plan_change's decision."""
-
-    action: str
-    reason: str
-    expected_version: str
-    loaded_version: str | None
-    running_kernel: str
-    config_kernel: str
-    unload: tuple[str, ...] = ()
-    load: tuple[LoadStep, ...] = ()
-    rollback: tuple[LoadStep, ...] = ()
-    prerequisites: tuple[str, ...] = ()   # modules outside the driver that must be loaded by name first
-    holders: tuple[Holder, ...] = ()
-    stop_units: tuple[str, ...] = ()
-    direction: str = ""  # install, upgrade, downgrade (a rollback generation) or "" (no change)
-    waits_for: str = ""  # what a deferral waits for: "idle" (the GPU's users) or "reboot" (a new kernel)
-
-    @property
-    def changes_kernel(self) -> bool:
-        return self.action in (LOAD, SWAP)
-
-    def to_json(self) -> dict[str, Any]:
-        data = self._asdict()
-        data["load"] = [step._asdict() for step in self.load]
-        data["rollback"] = [step._asdict() for step in self.rollback]
-        data["holders"] = [h._asdict() for h in self.holders]
-        return data
 
 
 # What holds a driver module when no process has /dev/nvidia* or an NVIDIA DRM node open, in
@@ -113,7 +66,7 @@ def q(value: object) -> str:
     return repr(value)
 
 
-def direction(loaded: str | None, expected: str) -> str:
+def direction(loaded: str | None, expected: str) -> Direction:
     """install (nothing loaded), upgrade or downgrade, by PEP 440 ordering (packaging), which
     orders NVIDIA's N.N.N releases numerically (570.133.07 > 570.86.16). ValueError naming the
     version that is not one: such a driver is refused rather than guessed at."""
@@ -296,7 +249,7 @@ def plan_change(snapshot: Snapshot, config: Config, new: Inventory, old: Invento
     base = _base(snapshot, config)
     running = snapshot.kernel_release
     family = snapshot.family()
-    action = SWAP if family else LOAD
+    action: Action = SWAP if family else LOAD
 
     # What must be loaded afterwards: what is unloaded, the configured set, and their dependencies.
     # Soft dependencies (modprobe.d softdep, e.g. nvidia -> nvidia_uvm) are optional, as for

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .plan import LoadStep
+from .models import LoadStep
 from .rules import DEFERRED_RECORD, STATE_FILE, driver_record, driver_record_json
 
 FORMAT = 2

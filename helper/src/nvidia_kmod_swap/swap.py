@@ -2,10 +2,19 @@
 facts from facts.py/snapshot.py, every change goes through effects.py, every record through
 state.py.
 
+The run is lock-and-dispatch: Swapper.run takes the lock and hands the plan to one procedure
+(apply, roll back, recover, keep a failed load), each of which returns an Outcome: the exit code
+and the one journal entry that says how it ended, which run reports in one place. Progress on the
+way (steps, "failed ..., rolling back") is journalled as it happens. What changed is always read
+from sysfs, never from how far a run believes it got.
+
+Two exceptions, two meanings: Refused (nothing was touched: the lock, the state dir) and
+CheckFailed (after a change, sysfs, the device nodes or the verify command disagree: roll back).
 A state file is written before every step; any failure after the first change rolls back by
-converging on the modules that were loaded before (plan.plan_restore), and the result is what
-sysfs shows. A run that finds a state file left by a crash finishes or rolls back that swap, and
-starts the units it had stopped, before it does anything else.
+converging on the modules that were loaded before (plan.plan_restore). A run that finds a state
+file left by a crash finishes or rolls back that swap, and starts the units it had stopped,
+before it does anything else. Stopped units and the autoload block are context managers: they
+are undone however a procedure ends.
 """
 
 from __future__ import annotations
@@ -14,11 +23,13 @@ import errno
 import fcntl
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from . import byname, devices
 from . import params as params_mod
@@ -27,20 +38,10 @@ from .effects import EffectError, Effects, KmodError, kmod_tool
 from .facts import driver_modules, make_plan
 from .holders import wait_until_released
 from .journal import Reporter
+from .models import DEFER, Event, Outcome, Priority
 from .modinfo import ModInfo, ModuleFiles
 from .paths import Root
-from .plan import (
-    DEFER,
-    NONE,
-    REFUSE,
-    LoadStep,
-    Plan,
-    allowed,
-    changed_since,
-    plan_restore,
-    q,
-    restore_problems,
-)
+from .plan import LoadStep, Plan, allowed, changed_since, plan_restore, q, restore_problems
 from .rules import AUTOLOAD_BLOCK, CORE, FIRMWARE_PATH
 from .snapshot import Snapshot, read_snapshot
 from .state import (
@@ -69,17 +70,28 @@ FAILPOINT_ENV = "NVIDIA_KMOD_SWAP_KILL_AT_STEP"
 TERM_FAILPOINT_ENV = "NVIDIA_KMOD_SWAP_TERM_AFTER_STEP"
 VERIFY_TIMEOUT_S = 60.0
 
-__all__ = ["EXIT_DEFERRED", "EXIT_LOAD_FAILED", "EXIT_OK", "EXIT_REFUSED", "EXIT_ROLLBACK_FAILED", "EXIT_ROLLED_BACK", "STATE_FILE",
-           "SwapFailed", "Swapper", "Terminated", "defer", "plan_after_grace"]
+__all__ = ["EXIT_DEFERRED", "EXIT_LOAD_FAILED", "EXIT_OK", "EXIT_REFUSED", "EXIT_ROLLBACK_FAILED", "EXIT_ROLLED_BACK",
+           "STATE_FILE", "CheckFailed", "Refused", "Swapper", "Terminated", "deferral", "plan_after_grace"]
 
 
-class SwapFailed(Exception):
-    pass
+class Refused(Exception):
+    """Nothing was touched: the run could not start (the lock, the state dir)."""
+
+
+class CheckFailed(Exception):
+    """After a change, sysfs, the device nodes or the verify command disagree: roll back."""
 
 
 class Terminated(Exception):
     """SIGTERM (systemd's start timeout): raised once, so that the rollback and the restart of
     stopped units run; Python runs no `finally` when a signal kills it."""
+
+
+def outcome(code: int, event: Event, message: str, priority: Priority = "info", **fields: Any) -> Outcome:
+    """An Outcome, noting where it was decided (the caller) for the journal's CODE_* fields."""
+    caller = sys._getframe(1)
+    return Outcome(code, event, message, priority, fields,
+                   (caller.f_code.co_filename, caller.f_lineno, caller.f_code.co_name))
 
 
 def _env_int(name: str) -> int | None:
@@ -96,9 +108,9 @@ def plan_after_grace(root: Root, config: Config, plan: Plan, retry: bool = False
     return make_plan(root, config, retry=retry)
 
 
-def defer(reporter: Reporter, state: StateDir, plan: Plan, message: str, **fields: object) -> None:
+def deferral(state: StateDir, plan: Plan, code: int, message: str, **fields: object) -> Outcome:
     """A deferral, from `check` or from `swap`: recorded in the state dir for `retry-deferred` and
-    `status` (best effort: a deferral must not fail on its bookkeeping), and reported."""
+    `status` (best effort: a deferral must not fail on its bookkeeping); the Outcome reports it."""
     record = DeferredRecord(plan.expected_version, plan.loaded_version, plan.waits_for or "idle", plan.reason,
                             tuple(h.pid for h in plan.holders), tuple(sorted({h.unit for h in plan.holders if h.unit})),
                             time.time())
@@ -108,9 +120,18 @@ def defer(reporter: Reporter, state: StateDir, plan: Plan, message: str, **field
         since = state.record_deferral(record).since
     except (OSError, StateError):
         since = None
-    reporter.event("deferred", message, "warning", reason=plan.reason, holder_pids=[h.pid for h in plan.holders],
-                   holder_units=[h.unit for h in plan.holders if h.unit], waits_for=plan.waits_for,
-                   deferred_since=since, **fields)
+    caller = sys._getframe(1)
+    return Outcome(code, "deferred", message, "warning",
+                   dict(reason=plan.reason, holder_pids=[h.pid for h in plan.holders],
+                        holder_units=[h.unit for h in plan.holders if h.unit], waits_for=plan.waits_for,
+                        deferred_since=since, **fields),
+                   (caller.f_code.co_filename, caller.f_lineno, caller.f_code.co_name))
+
+
+def report(reporter: Reporter, result: Outcome) -> int:
+    """The one journal entry of RESULT; its exit code."""
+    reporter.event(result.event, result.message, result.priority, origin=result.origin, **(result.fields or {}))
+    return result.code
 
 
 def describe_loaded(snapshot: Snapshot, names: Iterable[str]) -> str:
@@ -146,47 +167,63 @@ class Swapper:
     def state(self) -> StateDir:
         return StateDir(self.root(self.config.state_dir))
 
-    # -- entry point ---------------------------------------------------------------------------
+    # -- lock and dispatch -----------------------------------------------------------------------
     def run(self) -> int:
         try:
             self.state.ensure()
         except StateError as e:
-            raise SwapFailed(f"{e}; nothing was touched") from e
+            raise Refused(f"{e}; nothing was touched") from e
         with self._lock(), self._sigterm():
             try:
-                return self._run_locked()
+                result = self._dispatch()
             finally:
-                # After a swap, a rollback, a recovery or a crash of an earlier run: never leave the
-                # kernel unable to load the driver by name.
-                if os.path.lexists(self.root(AUTOLOAD_BLOCK)):
-                    try:
-                        self.effects.unblock_autoload()
-                    except OSError as e:
-                        self.reporter.event("step", f"could not remove {AUTOLOAD_BLOCK}: {e.strerror}", "warning")
+                # A block left by an earlier run that was killed: never leave the kernel unable to
+                # load the driver by name.
+                self._lift_autoload_block()
+        return report(self.reporter, result)
 
-    def _run_locked(self) -> int:
+    def _dispatch(self) -> Outcome:
         try:
             pending = self.state.swap_state()
         except StateError as e:
             snapshot = read_snapshot(self.root)
-            self.reporter.event("rollback-failed", f"refusing to act: {e}. A swap may have been interrupted; "
-                                f"the loaded modules are {describe_loaded(snapshot, snapshot.family())}. "
-                                f"Check them (nvidia-kmod-swap status), then remove {self.state.path / STATE_FILE}",
-                                "crit", reason=str(e))
-            return EXIT_ROLLBACK_FAILED
+            return outcome(EXIT_ROLLBACK_FAILED, "rollback-failed",
+                           f"refusing to act: {e}. A swap may have been interrupted; the loaded modules are "
+                           f"{describe_loaded(snapshot, snapshot.family())}. Check them (nvidia-kmod-swap status), "
+                           f"then remove {self.state.path / STATE_FILE}", "crit", reason=str(e))
         if pending is not None:
-            code = self._recover(pending)
-            if code == EXIT_ROLLBACK_FAILED:
-                return code
-        plan = make_plan(self.root, self.config, retry=self.retry)
-        return self._execute(plan_after_grace(self.root, self.config, plan, self.retry))
+            recovered = self._recover(pending)
+            if recovered.code == EXIT_ROLLBACK_FAILED:
+                return recovered
+            report(self.reporter, recovered)  # then plan afresh
+        plan = plan_after_grace(self.root, self.config, make_plan(self.root, self.config, retry=self.retry), self.retry)
+        return self._execute(plan)
+
+    def _execute(self, plan: Plan) -> Outcome:
+        fields: dict[str, Any] = dict(action=plan.action, loaded_version=plan.loaded_version,
+                                      expected_version=plan.expected_version, direction=plan.direction)
+        match plan.action:
+            case "none":
+                self.state.remove(DEFERRED_RECORD)
+                return outcome(EXIT_OK, "noop", plan.reason, **fields)
+            case "defer":
+                return deferral(self.state, plan, EXIT_DEFERRED, f"deferred: {plan.reason}", **fields)
+            case "refuse":
+                return outcome(EXIT_REFUSED, "refused", f"refused: {plan.reason}", "err", reason=plan.reason,
+                               holder_pids=[h.pid for h in plan.holders], **fields)
+            case "load" | "swap":
+                problem = self._preflight()
+                if problem:
+                    return outcome(EXIT_REFUSED, "refused", f"refused: {problem}", "err", reason=problem, **fields)
+                return self._apply(plan, fields)
+        raise AssertionError(f"unknown action {plan.action!r}")
 
     @contextmanager
     def _lock(self) -> Iterator[None]:
         try:
             fd = os.open(self.state.path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as e:
-            raise SwapFailed(f"cannot open the lock {self.state.path / LOCK_FILE}: {e.strerror}; nothing was touched") from e
+            raise Refused(f"cannot open the lock {self.state.path / LOCK_FILE}: {e.strerror}; nothing was touched") from e
         try:
             timeout = self.config.lock_timeout_s if self.lock_timeout_s is None else self.lock_timeout_s
             deadline = time.monotonic() + timeout
@@ -200,7 +237,7 @@ class Swapper:
                         self.reporter.event("step", "another nvidia-kmod-swap run holds the lock; waiting", "notice")
                         waited = True
                     if time.monotonic() > deadline:
-                        raise SwapFailed(f"another run held {self.state.path / LOCK_FILE} for {timeout:.0f}s") from None
+                        raise Refused(f"another run held {self.state.path / LOCK_FILE} for {timeout:.0f}s") from None
                     time.sleep(0.1)
             yield
         finally:
@@ -222,6 +259,34 @@ class Swapper:
             yield
         finally:
             signal.signal(signal.SIGTERM, previous)
+
+    def _lift_autoload_block(self) -> None:
+        if os.path.lexists(self.root(AUTOLOAD_BLOCK)):
+            try:
+                self.effects.unblock_autoload()
+            except OSError as e:
+                self.reporter.event("step", f"could not remove {AUTOLOAD_BLOCK}: {e.strerror}", "warning")
+
+    @contextmanager
+    def _autoload_blocked(self, names: Iterable[str]) -> Iterator[None]:
+        """From the first unload until the new driver is loaded (or the old one again), an open of
+        a stale /dev/nvidia* node would make the kernel modprobe the booted driver
+        (MODULE_ALIAS_CHARDEV_MAJOR(195)): modprobe of NAMES runs `false` meanwhile."""
+        self.effects.block_autoload(sorted(set(names)))
+        try:
+            yield
+        finally:
+            self._lift_autoload_block()
+
+    @contextmanager
+    def _units_stopped(self, swap: SwapState) -> Iterator[None]:
+        """Whatever the procedure inside ends with, the units it stopped (swap.stopped_units) are
+        started again."""
+        try:
+            yield
+        finally:
+            if swap.stopped_units:
+                self._start_units(swap.stopped_units)
 
     # -- state records ---------------------------------------------------------------------------
     def _save(self, swap: SwapState, best_effort: bool = False) -> None:
@@ -246,23 +311,8 @@ class Swapper:
         if self.term_after_step is not None and self.term_after_step == self._step - 1:
             os.kill(os.getpid(), signal.SIGTERM)  # the handler raises Terminated here
 
-    # -- executing a plan ------------------------------------------------------------------------
-    def _execute(self, plan: Plan) -> int:
-        fields: dict[str, object] = dict(action=plan.action, loaded_version=plan.loaded_version,
-                                         expected_version=plan.expected_version, direction=plan.direction)
-        if plan.action == NONE:
-            self.state.remove(DEFERRED_RECORD)
-            self.reporter.event("noop", plan.reason, **fields)
-            return EXIT_OK
-        if plan.action == DEFER:
-            defer(self.reporter, self.state, plan, f"deferred: {plan.reason}", **fields)
-            return EXIT_DEFERRED
-        problem = self._preflight()
-        if plan.action == REFUSE or problem:
-            reason = plan.reason if plan.action == REFUSE else problem
-            self.reporter.event("refused", f"refused: {reason}", "err", reason=reason,
-                                holder_pids=[h.pid for h in plan.holders], **fields)
-            return EXIT_REFUSED
+    # -- apply a plan ------------------------------------------------------------------------------
+    def _apply(self, plan: Plan, fields: dict[str, Any]) -> Outcome:
         swap = SwapState(plan.expected_version, plan.loaded_version, plan.load, plan.rollback)
         record = self.state.driver(plan.loaded_version) if plan.loaded_version else None
         if record is not None:
@@ -274,9 +324,8 @@ class Swapper:
             self._save(swap)  # before anything: a state dir we cannot write stops us here
         except OSError as e:
             reason = f"cannot write {self.state.path / STATE_FILE}: {e.strerror}; nothing was touched"
-            self.reporter.event("refused", f"refused: {reason}", "err", reason=reason, **fields)
-            return EXIT_REFUSED
-        try:
+            return outcome(EXIT_REFUSED, "refused", f"refused: {reason}", "err", reason=reason, **fields)
+        with self._units_stopped(swap):
             if plan.stop_units:
                 plan = self._stop_units(plan, swap)
                 if not plan.changes_kernel:
@@ -286,9 +335,6 @@ class Swapper:
                                         f"load {' '.join(s.name for s in plan.load)}", "notice",
                                 modules=[s.name for s in plan.load], **fields)
             return self._swap(plan, swap)
-        finally:
-            if swap.stopped_units:
-                self._start_units(swap.stopped_units)
 
     def _preflight(self) -> str | None:
         """What would fail after the unload and can be known before it."""
@@ -324,7 +370,7 @@ class Swapper:
             except EffectError as e:
                 self.reporter.event("failed", f"could not start {unit} again: {e}", "err")
 
-    def _swap(self, plan: Plan, swap: SwapState) -> int:
+    def _swap(self, plan: Plan, swap: SwapState) -> Outcome:
         self._step = 0
         try:
             for name in plan.prerequisites:
@@ -334,44 +380,30 @@ class Swapper:
             # first unload, so that pyudev's import (~0.75 s in the emulated test bed) is not spent
             # while no driver is loaded.
             watch = devices.UdevWatch(self.root)
-            # From the first unload until the new driver is loaded, an open of a stale /dev/nvidia*
-            # node would make the kernel modprobe the booted driver (MODULE_ALIAS_CHARDEV_MAJOR(195)).
-            self.effects.block_autoload(sorted({CORE, *plan.unload, *(s.name for s in plan.load)}))
-            for name in plan.unload:
-                self._record_step(swap, "unloading", f"unload {name} {plan.loaded_version or ''}".strip())
-                self._unload(name)
-                self._term_failpoint()
-                swap.changed = True
-            if self.config.firmware_path is not None:
-                self._point_firmware(self.config.firmware_path)
-            for step in plan.load:
-                self._record_step(swap, "loading", f"load {step.path} {step.params}".strip())
-                self.effects.load(step.path, step.params)
-                self._term_failpoint()
-                swap.changed = True
-            self._record_step(swap, "verifying", "verify versions, device nodes and the verify command")
-            self._verify(plan.load, plan.expected_version, watch)
-        except Exception as e:  # any failure after the first change is rolled back, whatever it was
-            reason = str(e) or type(e).__name__
-            # What changed is what sysfs shows, not how far this run believes it got: a SIGTERM
-            # landing while delete_module runs leaves the module gone and `changed` unset.
-            after = read_snapshot(self.root)
-            changed = swap.changed or changed_since(after, plan)
-            # A stop (SIGTERM) says nothing about the driver: the next start may try again.
-            failure = None if isinstance(e, Terminated) else FailedRecord(
-                plan.expected_version, tuple(s.path for s in plan.load), reason)
-            if plan.loaded_version is None:
-                return self._load_failed(plan, swap, reason, after, changed, failure)
-            if not changed:
-                self.state.remove(STATE_FILE)
-                self.reporter.event("refused", f"swap to {plan.expected_version} failed before anything changed: "
-                                    f"{reason}. Nothing was unloaded; the loaded driver keeps running", "err", reason=reason)
-                return EXIT_REFUSED
-            self.reporter.event("failed", f"swap to {plan.expected_version} failed: {reason}; rolling back "
-                                f"to {plan.loaded_version}", "err", reason=reason)
-            code = self._rollback(swap, reason)
-            self._record_failure(failure)
-            return code
+        except Exception as e:  # nothing of the driver was touched yet
+            return self._failed(plan, swap, e)
+        with ExitStack() as stack:  # the block is lifted however this ends, after a rollback too
+            try:
+                stack.enter_context(self._autoload_blocked({CORE, *plan.unload, *(s.name for s in plan.load)}))
+            except OSError as e:  # it could not be written: nothing of the driver was touched yet
+                return self._failed(plan, swap, e)
+            try:
+                for name in plan.unload:
+                    self._record_step(swap, "unloading", f"unload {name} {plan.loaded_version or ''}".strip())
+                    self._unload(name)
+                    self._term_failpoint()
+                    swap.changed = True
+                if self.config.firmware_path is not None:
+                    self._point_firmware(self.config.firmware_path)
+                for step in plan.load:
+                    self._record_step(swap, "loading", f"load {step.path} {step.params}".strip())
+                    self.effects.load(step.path, step.params)
+                    self._term_failpoint()
+                    swap.changed = True
+                self._record_step(swap, "verifying", "verify versions, device nodes and the verify command")
+                self._verify(plan.load, plan.expected_version, watch)
+            except Exception as e:  # any failure after the first change is rolled back, whatever it was
+                return self._failed(plan, swap, e)
         try:
             self._finish(plan.load, plan.expected_version)
         except OSError as e:
@@ -380,11 +412,32 @@ class Swapper:
                                 "bump may find no file to roll back to", "warning")
         self.state.remove(FAILED_RECORD)
         self.state.remove(DEFERRED_RECORD)
-        self.reporter.event("swapped", f"NVIDIA driver {plan.expected_version} loaded"
-                            + (f" ({plan.direction} from {plan.loaded_version})" if plan.loaded_version else ""), "notice",
-                            modules=[s.name for s in plan.load], loaded_version=plan.expected_version,
-                            previous_version=plan.loaded_version, direction=plan.direction)
-        return EXIT_OK
+        return outcome(EXIT_OK, "swapped", f"NVIDIA driver {plan.expected_version} loaded"
+                       + (f" ({plan.direction} from {plan.loaded_version})" if plan.loaded_version else ""), "notice",
+                       modules=[s.name for s in plan.load], loaded_version=plan.expected_version,
+                       previous_version=plan.loaded_version, direction=plan.direction)
+
+    def _failed(self, plan: Plan, swap: SwapState, error: Exception) -> Outcome:
+        """A step of PLAN failed with ERROR: what happens next depends on what sysfs shows."""
+        reason = str(error) or type(error).__name__
+        # What changed is what sysfs shows, not how far this run believes it got: a SIGTERM
+        # landing while delete_module runs leaves the module gone and `changed` unset.
+        after = read_snapshot(self.root)
+        changed = swap.changed or changed_since(after, plan)
+        # A stop (SIGTERM) says nothing about the driver: the next start may try again.
+        failure = None if isinstance(error, Terminated) else FailedRecord(
+            plan.expected_version, tuple(s.path for s in plan.load), reason)
+        if plan.loaded_version is None:
+            return self._load_failed(plan, reason, after, changed, failure)
+        if not changed:
+            self.state.remove(STATE_FILE)
+            return outcome(EXIT_REFUSED, "refused", f"swap to {plan.expected_version} failed before anything changed: "
+                           f"{reason}. Nothing was unloaded; the loaded driver keeps running", "err", reason=reason)
+        self.reporter.event("failed", f"swap to {plan.expected_version} failed: {reason}; rolling back "
+                            f"to {plan.loaded_version}", "err", reason=reason)
+        result = self._rollback(swap, reason)
+        self._record_failure(failure)
+        return result
 
     def _record_failure(self, failure: FailedRecord | None) -> None:
         if failure is None:
@@ -394,8 +447,8 @@ class Swapper:
         except OSError as e:
             self.reporter.event("step", f"could not write {FAILED_RECORD} ({e.strerror})", "warning")
 
-    def _load_failed(self, plan: Plan, swap: SwapState, reason: str, after: Snapshot, changed: bool,
-                     failure: FailedRecord | None) -> int:
+    def _load_failed(self, plan: Plan, reason: str, after: Snapshot, changed: bool,
+                     failure: FailedRecord | None) -> Outcome:
         """A load with no NVIDIA driver loaded before failed. Nothing is rolled back to "no driver"
         (at boot, one GPU of eight failing verification would leave none working): what loaded is
         kept, the failure recorded so that a restart does not try the same files again, and the
@@ -404,23 +457,21 @@ class Swapper:
         self._record_failure(failure)
         names = [s.name for s in plan.load]
         loaded = [n for n in names if n in after.modules]
-        others = [n for n in plan.prerequisites if n in after.modules]
+        fields: dict[str, Any] = dict(reason=reason, loaded_version=None, expected_version=plan.expected_version)
         if changed and loaded:
-            kept = describe_loaded(after, loaded)
-            self.reporter.event("failed", f"loading the NVIDIA driver {plan.expected_version} failed: {reason}. Kept what "
-                                f"loaded ({kept}): there was no driver before it to go back to; not loaded: "
-                                f"{', '.join(n for n in names if n not in loaded) or 'none'}", "crit", reason=reason,
-                                loaded_version=None, expected_version=plan.expected_version)
             if set(loaded) == set(names):
                 try:
                     self._finish(tuple(s for s in plan.load if s.name in loaded), plan.expected_version)
                 except OSError:
                     pass
-        else:
-            self.reporter.event("failed", f"loading the NVIDIA driver {plan.expected_version} failed: {reason}. No NVIDIA "
-                                "driver is loaded" + (f" (loaded for it: {', '.join(others)})" if others else ""),
-                                "err", reason=reason, loaded_version=None, expected_version=plan.expected_version)
-        return EXIT_LOAD_FAILED
+            return outcome(EXIT_LOAD_FAILED, "failed", f"loading the NVIDIA driver {plan.expected_version} failed: "
+                           f"{reason}. Kept what loaded ({describe_loaded(after, loaded)}): there was no driver before "
+                           f"it to go back to; not loaded: {', '.join(n for n in names if n not in loaded) or 'none'}",
+                           "crit", **fields)
+        others = [n for n in plan.prerequisites if n in after.modules]
+        return outcome(EXIT_LOAD_FAILED, "failed", f"loading the NVIDIA driver {plan.expected_version} failed: {reason}. "
+                       "No NVIDIA driver is loaded" + (f" (loaded for it: {', '.join(others)})" if others else ""),
+                       "err", **fields)
 
     def _unload(self, name: str) -> None:
         """Unloads NAME; a reference that goes away within busy_grace_s (an NVML client closing
@@ -522,7 +573,7 @@ class Swapper:
         snapshot = read_snapshot(self.root)
         problems = restore_problems(snapshot, load)
         if problems:
-            raise SwapFailed("after loading, sysfs shows: " + "; ".join(problems))
+            raise CheckFailed("after loading, sysfs shows: " + "; ".join(problems))
         self._fix_modprobe_nodes()
         nodes = devices.wait_for_nodes(self.root, set(snapshot.modules), self.config.settle_timeout_s, self.effects,
                                        watch=watch, loaded_now={s.name for s in load})
@@ -531,7 +582,7 @@ class Swapper:
                    if watch.monitor is not None else "no udev to listen to: polled the device nodes")
             self.reporter.event("step", f"device nodes: {how}", "debug")
         if nodes:
-            raise SwapFailed(f"device nodes not ready after {self.config.settle_timeout_s:.0f}s: {'; '.join(nodes)}")
+            raise CheckFailed(f"device nodes not ready after {self.config.settle_timeout_s:.0f}s: {'; '.join(nodes)}")
         if self.config.verify_command:
             self._run_verify_command(self.config.verify_command, expected)
 
@@ -539,7 +590,7 @@ class Swapper:
         try:
             fixed = devices.fix_modprobe_nodes(self.root, self.effects)
         except OSError as e:
-            raise SwapFailed(f"cannot renew the nodes nvidia-modprobe made under /dev/nvidia-caps: {e}") from e
+            raise CheckFailed(f"cannot renew the nodes nvidia-modprobe made under /dev/nvidia-caps: {e}") from e
         if fixed:
             self.reporter.event("step", "nodes nvidia-modprobe made, pointed at the loaded driver: " + "; ".join(fixed),
                                 "info")
@@ -549,17 +600,17 @@ class Swapper:
         try:
             status, output, errors = self.effects.run_command(argv, VERIFY_TIMEOUT_S)
         except EffectError as e:
-            raise SwapFailed(f"verify command: {e}") from e
+            raise CheckFailed(f"verify command: {e}") from e
         # Its answer is stdout, one line per GPU; stderr (a warning of a working nvidia-smi) is only
         # quoted when the answer is wrong.
         lines = [line.strip() for line in output.splitlines() if line.strip()]
         if status != 0 or not lines or any(line != expected for line in lines):
             said = f"; stderr {q(errors.strip().replace(chr(10), ' | '))}" if errors.strip() else ""
-            raise SwapFailed(f"verify command {' '.join(argv)} exited {status} with "
+            raise CheckFailed(f"verify command {' '.join(argv)} exited {status} with "
                              f"{q(output.strip().replace(chr(10), ' | '))}{said}, expected {expected}")
 
     # -- rollback and recovery -------------------------------------------------------------------
-    def _rollback(self, swap: SwapState, reason: str) -> int:
+    def _rollback(self, swap: SwapState, reason: str) -> Outcome:
         """Converge on swap.rollback: unload only what differs from it, load what is missing, then
         report what sysfs shows. Nothing is unloaded when a module that differs cannot be."""
         swap.phase, swap.reason = "rolling-back", reason
@@ -570,9 +621,8 @@ class Swapper:
         restore = plan_restore(snapshot, target, scope=[s.name for s in swap.load])
         if not (restore.unload or restore.load or restore.blocked or restore_problems(snapshot, target)):
             self.state.remove(STATE_FILE)
-            self.reporter.event("recovery", f"nothing to roll back: sysfs shows {old} as before "
-                                f"({describe_loaded(snapshot, [s.name for s in target])})", "warning")
-            return EXIT_REFUSED
+            return outcome(EXIT_REFUSED, "recovery", f"nothing to roll back: sysfs shows {old} as before "
+                           f"({describe_loaded(snapshot, [s.name for s in target])})", "warning")
         # A process that opened the new /dev/nvidiactl for a moment (an exporter, an nvidia-smi
         # poller) is waited out as the forward path waits for it: busy_grace_s.
         deadline = time.monotonic() + self.config.busy_grace_s
@@ -600,7 +650,7 @@ class Swapper:
             return self._rollback_failed(swap, reason, after, "; ".join(problems))
         try:
             self._fix_modprobe_nodes()
-        except SwapFailed as e:
+        except CheckFailed as e:
             return self._rollback_failed(swap, reason, after, str(e))
         if target:
             nodes = devices.wait_for_nodes(self.root, set(after.modules), self.config.settle_timeout_s, self.effects,
@@ -612,50 +662,44 @@ class Swapper:
                 # firmware shows here, not later in the user's job.
                 try:
                     self._run_verify_command(swap.rollback_verify_command, swap.loaded_version)
-                except SwapFailed as e:
+                except CheckFailed as e:
                     return self._rollback_failed(swap, reason, after, f"the rolled-back driver does not work: {e}")
         self.state.remove(STATE_FILE)
         firmware = swap.rollback_firmware_path if swap.rollback_firmware_path is not None else self._firmware_path()
         self._keep_on_disk(target, firmware, swap.rollback_verify_command)
         self._route_by_name(self._shipped(target, swap.loaded_version), swap.loaded_version)
         shown = describe_loaded(after, [s.name for s in target]) if target else "no NVIDIA module"
-        self.reporter.event("rolled-back", f"rolled back: the NVIDIA driver {old} is loaded again (sysfs: {shown}; "
-                            f"kept {len(restore.keep)}, reloaded {len(restore.load)}). Cause: {reason}", "err",
-                            reason=reason, loaded_version=swap.loaded_version, expected_version=swap.expected_version)
-        return EXIT_ROLLED_BACK
+        return outcome(EXIT_ROLLED_BACK, "rolled-back", f"rolled back: the NVIDIA driver {old} is loaded again "
+                       f"(sysfs: {shown}; kept {len(restore.keep)}, reloaded {len(restore.load)}). Cause: {reason}",
+                       "err", reason=reason, loaded_version=swap.loaded_version, expected_version=swap.expected_version)
 
-    def _rollback_failed(self, swap: SwapState, reason: str, snapshot: Snapshot, why: str) -> int:
+    def _rollback_failed(self, swap: SwapState, reason: str, snapshot: Snapshot, why: str) -> Outcome:
         names = sorted({s.name for s in swap.rollback} | {s.name for s in swap.load} | set(snapshot.family()))
-        self.reporter.event("rollback-failed", f"rollback failed: {why}. Loaded now (sysfs): "
-                            f"{describe_loaded(snapshot, names)}. The state is kept in {self.state.path / STATE_FILE} "
-                            f"and the next run retries", "crit", reason=f"{reason}; rollback: {why}",
-                            loaded_version=swap.loaded_version, expected_version=swap.expected_version)
-        return EXIT_ROLLBACK_FAILED
+        return outcome(EXIT_ROLLBACK_FAILED, "rollback-failed", f"rollback failed: {why}. Loaded now (sysfs): "
+                       f"{describe_loaded(snapshot, names)}. The state is kept in {self.state.path / STATE_FILE} "
+                       f"and the next run retries", "crit", reason=f"{reason}; rollback: {why}",
+                       loaded_version=swap.loaded_version, expected_version=swap.expected_version)
 
-    def _recover(self, swap: SwapState) -> int:
-        """A state file means a run died mid-swap. All new and verified: keep it. Otherwise: old."""
-        try:
+    def _recover(self, swap: SwapState) -> Outcome:
+        """A state file means a run died mid-swap. All new and verified: keep it. Otherwise: old,
+        recorded as failed (a swap that kills its run must not take the GPU away on every restart)."""
+        with self._units_stopped(swap):
             snapshot = read_snapshot(self.root)
             if (swap.phase == "verifying" and swap.expected_version == self.config.driver_version
                     and not restore_problems(snapshot, swap.load)):
                 try:
                     self._verify(swap.load, swap.expected_version)
                     self._finish(swap.load, swap.expected_version)
-                    self.reporter.event("recovery", f"an interrupted swap to {swap.expected_version} had completed; kept it",
-                                        "warning")
-                    return EXIT_OK
-                except (SwapFailed, EffectError, OSError):
+                    return outcome(EXIT_OK, "recovery",
+                                   f"an interrupted swap to {swap.expected_version} had completed; kept it", "warning")
+                except (CheckFailed, EffectError, OSError):
                     pass
             self.reporter.event("recovery", f"an interrupted swap (at {swap.phase}, step {swap.step}) is rolled back "
                                 f"to {swap.loaded_version or 'no driver'}", "warning")
             reason = f"interrupted at {swap.phase} (step {swap.step}): the run was killed"
-            code = self._rollback(swap, reason)
-            if code == EXIT_ROLLED_BACK:
+            result = self._rollback(swap, reason)
+            if result.code == EXIT_ROLLED_BACK:
                 # Not tried again on the next start: a swap that kills its run (a hung module init,
                 # the start timeout's SIGKILL) would take the GPU away on every restart.
                 self._record_failure(FailedRecord(swap.expected_version, tuple(s.path for s in swap.load), reason))
-            return code
-        finally:
-            if swap.stopped_units:
-                self._start_units(swap.stopped_units)
-
+            return result
