@@ -29,6 +29,9 @@ from nvidia_kmod_swap.swap import Swapper  # noqa: E402
 
 RELEASE = "6.1.0-56-amd64"
 OLD, NEW = "570.124.04", "570.133.07"
+# The four modules a driver loads, all new and all old: what the tests compare sysfs with.
+FULL = {"nvidia": NEW, "nvidia_drm": NEW, "nvidia_modeset": NEW, "nvidia_uvm": NEW}
+BEFORE = {"nvidia": OLD, "nvidia_drm": OLD, "nvidia_modeset": OLD, "nvidia_uvm": OLD}
 DRIVER = {"nvidia": (), "nvidia_modeset": ("nvidia",), "nvidia_uvm": ("nvidia",),
           "nvidia_drm": ("nvidia_modeset", "nvidia"), "nvidia_peermem": ("nvidia",)}
 

@@ -9,14 +9,11 @@ import time
 
 import pytest
 
-from fakesys import NEW, OLD, FakeEffects, cli, config_for, make_config, swapper, write_config, write_driver
+from fakesys import BEFORE, FULL, NEW, OLD, FakeEffects, cli, config_for, make_config, swapper, write_config, write_driver
 from nvidia_kmod_swap.config import ConfigError
 from nvidia_kmod_swap.facts import make_plan
 from nvidia_kmod_swap.quick import try_noop
 from nvidia_kmod_swap.swap import EXIT_DEFERRED, EXIT_OK, EXIT_ROLLED_BACK
-
-FULL = {"nvidia": NEW, "nvidia_drm": NEW, "nvidia_modeset": NEW, "nvidia_uvm": NEW}
-BEFORE = {"nvidia": OLD, "nvidia_drm": OLD, "nvidia_modeset": OLD, "nvidia_uvm": OLD}
 
 
 @pytest.fixture

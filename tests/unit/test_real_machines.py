@@ -10,15 +10,13 @@ import signal
 
 import pytest
 
-from fakesys import NEW, OLD, RELEASE, FakeEffects, cli, config_for, make_config, swapper, write_config, write_driver, write_ko
+from fakesys import BEFORE, FULL, NEW, OLD, RELEASE, FakeEffects, cli, config_for, make_config, swapper, write_config, write_driver, write_ko
 from nvidia_kmod_swap.cli import main
 from nvidia_kmod_swap.config import parse
 from nvidia_kmod_swap.facts import make_plan
 from nvidia_kmod_swap.quick import try_noop
 from nvidia_kmod_swap.swap import EXIT_OK, EXIT_REFUSED, EXIT_ROLLBACK_FAILED, EXIT_ROLLED_BACK
 
-FULL = {"nvidia": NEW, "nvidia_drm": NEW, "nvidia_modeset": NEW, "nvidia_uvm": NEW}
-BEFORE = {"nvidia": OLD, "nvidia_drm": OLD, "nvidia_modeset": OLD, "nvidia_uvm": OLD}
 FS_VERSION = "2.28.4"  # nvidia_fs (GPUDirect Storage) has a MODULE_VERSION of its own
 
 

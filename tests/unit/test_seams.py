@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from fakesys import NEW, OLD, Crash, FakeEffects, cli, make_config, swapper, write_driver
+from fakesys import BEFORE, FULL, NEW, OLD, Crash, FakeEffects, cli, make_config, swapper, write_driver
 from nvidia_kmod_swap.config import ConfigError, parse
 from nvidia_kmod_swap.devices import fix_modprobe_nodes
 from nvidia_kmod_swap.state import StateDir
@@ -22,9 +22,6 @@ from nvidia_kmod_swap.swap import (
     EXIT_ROLLED_BACK,
     Terminated,
 )
-
-FULL = {"nvidia": NEW, "nvidia_drm": NEW, "nvidia_modeset": NEW, "nvidia_uvm": NEW}
-BEFORE = {"nvidia": OLD, "nvidia_drm": OLD, "nvidia_modeset": OLD, "nvidia_uvm": OLD}
 
 
 @pytest.fixture

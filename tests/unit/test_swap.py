@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from fakesys import NEW, OLD, Crash, FakeEffects, make_config, swapper, write_driver
+from fakesys import BEFORE, FULL, NEW, OLD, Crash, FakeEffects, make_config, swapper, write_driver
 from nvidia_kmod_swap.config import parse
 from nvidia_kmod_swap.swap import (
     EXIT_DEFERRED,
@@ -22,9 +22,6 @@ from nvidia_kmod_swap.swap import (
     STATE_FILE,
     Swapper,
 )
-
-FULL = {"nvidia": NEW, "nvidia_drm": NEW, "nvidia_modeset": NEW, "nvidia_uvm": NEW}
-BEFORE = {"nvidia": OLD, "nvidia_drm": OLD, "nvidia_modeset": OLD, "nvidia_uvm": OLD}
 
 
 @pytest.fixture
