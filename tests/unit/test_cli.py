@@ -29,7 +29,7 @@ def test_plan_json(bed, capsys):
     assert data["action"] == "swap"
     assert data["unload"] == ["nvidia_drm", "nvidia_uvm", "nvidia_modeset", "nvidia"]
     assert [s["name"] for s in data["load"]] == ["nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm"]
-    assert all(set(s) == {"name", "path", "params", "version", "srcversion"} for s in data["load"])
+    assert all(set(s) == {"name", "path", "params", "version", "srcversion", "depends"} for s in data["load"])
 
 
 def test_status_json(bed, capsys):

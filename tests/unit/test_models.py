@@ -37,7 +37,7 @@ def test_records_are_immutable_and_compare_by_value():
     assert hash(step) == hash(LoadStep("nvidia", "/nix/store/x/nvidia.ko", "", "580.1", "ABC"))
     plan = Plan("swap", "why", "580.2", "580.1", "6.1", "6.1", load=(step,))
     assert plan.to_json()["load"] == [{"name": "nvidia", "path": "/nix/store/x/nvidia.ko", "params": "",
-                                       "version": "580.1", "srcversion": "ABC"}]
+                                       "version": "580.1", "srcversion": "ABC", "depends": None}]
     assert "path='/nix/store/x/nvidia.ko'" in repr(step)
 
 

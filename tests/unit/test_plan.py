@@ -242,7 +242,7 @@ def test_plan_json_has_the_contract_keys(system, store, trees):
     system.load_driver(OLD)
     data = plan_for(system, store, trees[1], trees[0]).to_json()
     assert {"action", "reason", "unload", "load"} <= set(data)
-    assert {"name", "path", "params", "version", "srcversion"} == set(data["load"][0])
+    assert {"name", "path", "params", "version", "srcversion", "depends"} == set(data["load"][0])
 
 
 

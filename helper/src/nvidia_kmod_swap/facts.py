@@ -75,10 +75,13 @@ def driver_modules(loaded: Iterable[LoadStep], version: str) -> list[ModInfo]:
     dirs: dict[Path, None] = {}
     for step in loaded:
         path = Path(os.path.realpath(step.path))
-        try:
-            found[step.name] = read_modinfo(path)
-        except (OSError, ModuleFileError):
-            continue
+        if step.depends is not None:  # read when the swap planned it: not again
+            found[step.name] = ModInfo(path, step.name, step.version, "", step.depends, step.srcversion)
+        else:
+            try:
+                found[step.name] = read_modinfo(path)
+            except (OSError, ModuleFileError):
+                continue
         dirs[path.parent] = None
     for directory in dirs:
         try:

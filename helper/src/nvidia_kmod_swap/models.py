@@ -40,6 +40,9 @@ class LoadStep(NamedTuple):
     params: str = ""
     version: str | None = None      # what the file says: a rollback checks sysfs against these
     srcversion: str | None = None
+    # Its .modinfo depends, so that what the swap read once is not read again afterwards (a real
+    # nvidia.ko.xz is 42 MB to decompress); None: not known (a record written before this field).
+    depends: tuple[str, ...] | None = None
 
     def matches(self, loaded: LoadedModule | None) -> bool:
         """The loaded module is this file's: same version and, where both have one, srcversion."""
@@ -49,7 +52,7 @@ class LoadStep(NamedTuple):
 
     @classmethod
     def of(cls, info: ModInfo, params: str) -> LoadStep:
-        return cls(info.name, str(info.path), params, info.version, info.srcversion)
+        return cls(info.name, str(info.path), params, info.version, info.srcversion, info.depends)
 
 
 class Plan(NamedTuple):

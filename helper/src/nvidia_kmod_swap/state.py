@@ -43,6 +43,8 @@ def _steps(value: object, what: str) -> tuple[LoadStep, ...]:
     for item in value:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not isinstance(item.get("path"), str):
             raise StateError(f"{what}: not a module entry: {item!r}")
+        if isinstance(item.get("depends"), list):
+            item = {**item, "depends": tuple(item["depends"])}  # JSON has no tuples; a step is hashed
         try:
             steps.append(LoadStep(**item))
         except TypeError as e:
