@@ -268,3 +268,15 @@ def test_the_rollback_loads_the_old_driver_with_its_own_options(system, store, t
     assert swapper(system, config, effects).run() == EXIT_ROLLED_BACK
     assert system.versions() == BEFORE
     assert system.modules["nvidia"].params == "NVreg_PreserveVideoMemoryAllocations=1"
+
+
+def test_records_stay_readable_by_the_helper_before_this_one(system, store, trees):
+    """The state dir outlives a switch back to a generation whose helper is older (deploy-rs's
+    rollback): the records keep the keys that helper knows (0c4fa7d's LoadStep has no depends)."""
+    system.load_driver(OLD)
+    config = parse(make_config(store, [trees[1]], [trees[0]]))
+    assert swapper(system, config).run() == EXIT_OK
+    known = {"name", "path", "params", "version", "srcversion"}
+    for record in ("loaded.json",):
+        data = json.loads((system.root(config.state_dir) / record).read_text())
+        assert all(set(m) == known for m in data["modules"]), data

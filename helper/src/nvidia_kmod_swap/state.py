@@ -54,7 +54,9 @@ def _steps(value: object, what: str) -> tuple[LoadStep, ...]:
 
 @functools.cache
 def _steps_json(steps: tuple[LoadStep, ...]) -> list[dict[str, Any]]:
-    return [step._asdict() for step in steps]
+    # Without `depends`: a helper before it refuses a step with a key it does not know, and the
+    # records outlive a switch back to a generation with an older helper (deploy-rs's rollback).
+    return [{k: v for k, v in step._asdict().items() if k != "depends"} for step in steps]
 
 
 def _optional_str(value: object, where: str) -> str | None:
@@ -167,7 +169,7 @@ class LoadedRecord(NamedTuple):
     modules: tuple[LoadStep, ...]
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT, "driver_version": self.driver_version, "modules": [m._asdict() for m in self.modules]}
+        return {"format": FORMAT, "driver_version": self.driver_version, "modules": _steps_json(self.modules)}
 
 
 class FailedRecord(NamedTuple):
