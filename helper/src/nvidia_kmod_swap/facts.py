@@ -90,7 +90,10 @@ def driver_modules(loaded: Iterable[LoadStep], version: str) -> list[ModInfo]:
             continue
         for entry in entries:
             path = directory / entry
-            if not entry.endswith(SUFFIXES) or module_name(path) in found:
+            name = module_name(path)
+            # NVIDIA's modules are all nvidia* (kernel-open/Makefile NV_KERNEL_MODULES); a package
+            # that also holds gdrdrv or another holder is not read for it.
+            if not entry.endswith(SUFFIXES) or not name.startswith("nvidia") or name in found:
                 continue
             try:
                 info = read_modinfo(path)
