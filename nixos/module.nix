@@ -16,10 +16,14 @@ let
   # boot.kernel.* (kernel.nix, mkRenamedOptionModule); reading an old name there prints "Obsolete
   # option" on every evaluation, so the new names are read where they exist.
   renamedKernel = (options.boot.kernel or { }) ? packages;
-  kernelPackages = if renamedKernel then config.boot.kernel.packages else config.boot.kernelPackages;
+  kernelPackages =
+    if renamedKernel then config.boot.kernel.packages else config.boot.kernelPackages;
   kernelModules = if renamedKernel then config.boot.kernel.modules else config.boot.kernelModules;
   extraModulePackages =
-    if renamedKernel then config.boot.kernel.extraModulePackages else config.boot.extraModulePackages;
+    if renamedKernel then
+      config.boot.kernel.extraModulePackages
+    else
+      config.boot.extraModulePackages;
   kernel = kernelPackages.kernel;
 
   # modDirVersion, not the package version: it is the directory under lib/modules and what the
@@ -303,9 +307,10 @@ in
             assertion =
               !(nvidiaCfg.enabled or false && nvidiaCfg ? open && nvidiaCfg.open == null)
               || throw ''
-                services.nvidiaKmodSwap: hardware.nvidia.open is null, and nixpkgs' nvidia.nix cannot
-                evaluate its assertions with it (`!cfg.open`). Set hardware.nvidia.open = true to use
-                the open kernel modules (Turing and later GPUs) or false for the proprietary ones.
+                services.nvidiaKmodSwap: hardware.nvidia.open is null, and nixpkgs' nvidia.nix
+                cannot evaluate its assertions with it (`!cfg.open`). Set hardware.nvidia.open =
+                true to use the open kernel modules (Turing and later GPUs) or false for the
+                proprietary ones.
               '';
             message = "hardware.nvidia.open must be true or false";
           }

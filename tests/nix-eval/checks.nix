@@ -111,7 +111,14 @@ let
   ]
   ++ map (p: p.outPath) (
     lib.filter (
-      p: lib.elem p.outPath (map (o: o.outPath) [ driver.mod driver.open driver.bin ])
+      p:
+      lib.elem p.outPath (
+        map (o: o.outPath) [
+          driver.mod
+          driver.open
+          driver.bin
+        ]
+      )
     ) (config s).boot.extraModulePackages
   );
   tree = s: "${(config s).system.modulesTree}/lib/modules/6.18.1";

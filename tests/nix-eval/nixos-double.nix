@@ -57,11 +57,61 @@
     in
     {
       imports = lib.optionals renamed [
-        (lib.mkRenamedOptionModule [ "boot" "kernelPackages" ] [ "boot" "kernel" "packages" ])
-        (lib.mkRenamedOptionModule [ "boot" "kernelParams" ] [ "boot" "kernel" "params" ])
-        (lib.mkRenamedOptionModule [ "boot" "kernelModules" ] [ "boot" "kernel" "modules" ])
-        (lib.mkRenamedOptionModule [ "boot" "extraModulePackages" ] [ "boot" "kernel" "extraModulePackages" ])
-        (lib.mkRenamedOptionModule [ "boot" "blacklistedKernelModules" ] [ "boot" "kernel" "blacklistedModules" ])
+        (lib.mkRenamedOptionModule
+          [
+            "boot"
+            "kernelPackages"
+          ]
+          [
+            "boot"
+            "kernel"
+            "packages"
+          ]
+        )
+        (lib.mkRenamedOptionModule
+          [
+            "boot"
+            "kernelParams"
+          ]
+          [
+            "boot"
+            "kernel"
+            "params"
+          ]
+        )
+        (lib.mkRenamedOptionModule
+          [
+            "boot"
+            "kernelModules"
+          ]
+          [
+            "boot"
+            "kernel"
+            "modules"
+          ]
+        )
+        (lib.mkRenamedOptionModule
+          [
+            "boot"
+            "extraModulePackages"
+          ]
+          [
+            "boot"
+            "kernel"
+            "extraModulePackages"
+          ]
+        )
+        (lib.mkRenamedOptionModule
+          [
+            "boot"
+            "blacklistedKernelModules"
+          ]
+          [
+            "boot"
+            "kernel"
+            "blacklistedModules"
+          ]
+        )
       ];
       options = {
         # internal; "Convert the list of path to only one path": aggregateModules (a buildEnv).
@@ -90,7 +140,14 @@
           }
       );
       config = {
-        boot = if renamed then { kernel.modules = [ "loop" "atkbd" ]; } else { kernelModules = [ "loop" "atkbd" ]; };
+        boot =
+          let
+            modules = [
+              "loop"
+              "atkbd"
+            ];
+          in
+          if renamed then { kernel = { inherit modules; }; } else { kernelModules = modules; };
         # 2026: `[ (lib.getOutput "modules" kernel) ] ++ ...`; before: `[ kernel ] ++ ...`.
         system.modulesTree = [
           (lib.getOutput "modules" k.packages.kernel)
