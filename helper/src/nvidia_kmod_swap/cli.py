@@ -134,22 +134,15 @@ def _swap_running(root: Root, config: Config) -> bool:
     interrupted one (swap.json with the lock free), which `swap` recovers first."""
     import fcntl
     import os
-    import time
+
+    from .swap import LOCK_FILE, lock_within
 
     try:
-        fd = os.open(root(config.state_dir) / "lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(root(config.state_dir) / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return False  # no run has ever taken it
     try:
-        deadline = time.monotonic() + config.lock_timeout_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                return False
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    return True
-                time.sleep(0.1)
+        return not lock_within(fd, fcntl.LOCK_SH, config.lock_timeout_s)
     finally:
         os.close(fd)
 
@@ -161,7 +154,7 @@ def _check(root: Root, config: Config, reporter: Reporter) -> int:
     from .swap import deferral, plan_after_grace, report
 
     if _swap_running(root, config):
-        reporter.event("step", f"another nvidia-kmod-swap run still holds {root(config.state_dir) / 'lock'} after "
+        reporter.event("step", f"another nvidia-kmod-swap run still holds the lock in {root(config.state_dir)} after "
                        f"{config.lock_timeout_s:.0f}s: a swap is in progress, not starting", "warning")
         return 1
     if _pending(root, config):

@@ -25,7 +25,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import FrameType
@@ -71,7 +71,8 @@ TERM_FAILPOINT_ENV = "NVIDIA_KMOD_SWAP_TERM_AFTER_STEP"
 VERIFY_TIMEOUT_S = 60.0
 
 __all__ = ["EXIT_DEFERRED", "EXIT_LOAD_FAILED", "EXIT_OK", "EXIT_REFUSED", "EXIT_ROLLBACK_FAILED", "EXIT_ROLLED_BACK",
-           "STATE_FILE", "CheckFailed", "Refused", "Swapper", "Terminated", "deferral", "plan_after_grace"]
+           "LOCK_FILE", "STATE_FILE", "CheckFailed", "Refused", "Swapper", "Terminated", "deferral", "lock_within",
+           "plan_after_grace", "report"]
 
 
 class Refused(Exception):
@@ -87,11 +88,32 @@ class Terminated(Exception):
     stopped units run; Python runs no `finally` when a signal kills it."""
 
 
+def _decided_at(depth: int) -> tuple[str, int, str]:
+    """(file, line, function) of the frame DEPTH levels above the caller: the journal's CODE_*."""
+    frame = sys._getframe(depth + 1)
+    return frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name
+
+
 def outcome(code: int, event: Event, message: str, priority: Priority = "info", **fields: Any) -> Outcome:
     """An Outcome, noting where it was decided (the caller) for the journal's CODE_* fields."""
-    caller = sys._getframe(1)
-    return Outcome(code, event, message, priority, fields,
-                   (caller.f_code.co_filename, caller.f_lineno, caller.f_code.co_name))
+    return Outcome(code, event, message, priority, fields, _decided_at(1))
+
+
+def lock_within(fd: int, operation: int, timeout: float, waiting: Callable[[], None] | None = None) -> bool:
+    """flock(FD, OPERATION) without blocking, retried every 0.1 s for up to TIMEOUT seconds;
+    whether it was taken. WAITING is called once, when the lock is first found held."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, operation | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if waiting is not None:
+                waiting()
+                waiting = None
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
 
 
 def _env_int(name: str) -> int | None:
@@ -120,12 +142,11 @@ def deferral(state: StateDir, plan: Plan, code: int, message: str, **fields: obj
         since = state.record_deferral(record).since
     except (OSError, StateError):
         since = None
-    caller = sys._getframe(1)
     return Outcome(code, "deferred", message, "warning",
                    dict(reason=plan.reason, holder_pids=[h.pid for h in plan.holders],
                         holder_units=[h.unit for h in plan.holders if h.unit], waits_for=plan.waits_for,
                         deferred_since=since, **fields),
-                   (caller.f_code.co_filename, caller.f_lineno, caller.f_code.co_name))
+                   _decided_at(1))
 
 
 def report(reporter: Reporter, result: Outcome) -> int:
@@ -226,19 +247,9 @@ class Swapper:
             raise Refused(f"cannot open the lock {self.state.path / LOCK_FILE}: {e.strerror}; nothing was touched") from e
         try:
             timeout = self.config.lock_timeout_s if self.lock_timeout_s is None else self.lock_timeout_s
-            deadline = time.monotonic() + timeout
-            waited = False
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if not waited:
-                        self.reporter.event("step", "another nvidia-kmod-swap run holds the lock; waiting", "notice")
-                        waited = True
-                    if time.monotonic() > deadline:
-                        raise Refused(f"another run held {self.state.path / LOCK_FILE} for {timeout:.0f}s") from None
-                    time.sleep(0.1)
+            if not lock_within(fd, fcntl.LOCK_EX, timeout, lambda: self.reporter.event(
+                    "step", "another nvidia-kmod-swap run holds the lock; waiting", "notice")):
+                raise Refused(f"another run held {self.state.path / LOCK_FILE} for {timeout:.0f}s")
             yield
         finally:
             os.close(fd)
@@ -404,12 +415,7 @@ class Swapper:
                 self._verify(plan.load, plan.expected_version, watch)
             except Exception as e:  # any failure after the first change is rolled back, whatever it was
                 return self._failed(plan, swap, e)
-        try:
-            self._finish(plan.load, plan.expected_version)
-        except OSError as e:
-            # The driver is loaded and verified; only the records are missing (a full /run).
-            self.reporter.event("step", f"could not record the swap in {self.state.path}: {e.strerror}; the next "
-                                "bump may find no file to roll back to", "warning")
+        self._finish_loaded(plan.load, plan.expected_version)
         self.state.remove(FAILED_RECORD)
         self.state.remove(DEFERRED_RECORD)
         return outcome(EXIT_OK, "swapped", f"NVIDIA driver {plan.expected_version} loaded"
@@ -460,10 +466,7 @@ class Swapper:
         fields: dict[str, Any] = dict(reason=reason, loaded_version=None, expected_version=plan.expected_version)
         if changed and loaded:
             if set(loaded) == set(names):
-                try:
-                    self._finish(tuple(s for s in plan.load if s.name in loaded), plan.expected_version)
-                except OSError:
-                    pass
+                self._finish_loaded(plan.load, plan.expected_version)
             return outcome(EXIT_LOAD_FAILED, "failed", f"loading the NVIDIA driver {plan.expected_version} failed: "
                            f"{reason}. Kept what loaded ({describe_loaded(after, loaded)}): there was no driver before "
                            f"it to go back to; not loaded: {', '.join(n for n in names if n not in loaded) or 'none'}",
@@ -522,6 +525,15 @@ class Swapper:
         self.state.remove(STATE_FILE)
         self._keep_on_disk(resolved, firmware, self.config.verify_command)
         self._route_by_name(shipped, version)
+
+    def _finish_loaded(self, load: tuple[LoadStep, ...], version: str) -> None:
+        """_finish for a driver that is loaded whatever its records say: a record that cannot be
+        written (a full /run) is a warning, not a failure of the load."""
+        try:
+            self._finish(load, version)
+        except OSError as e:
+            self.reporter.event("step", f"could not record the loaded driver in {self.state.path}: {e.strerror}; "
+                                "the next bump may find no file to roll back to", "warning")
 
     def _keep_on_disk(self, load: tuple[LoadStep, ...], firmware: str | None,
                       verify: tuple[str, ...] | None) -> None:
