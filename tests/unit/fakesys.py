@@ -450,6 +450,20 @@ class FakeEffects:
         for name, target in targets.items():
             os.symlink(target, top / name)
 
+    # The driver links: the real file writes, and the real systemd-tmpfiles (--root=the fake tree):
+    # which rule wins for a path is systemd's to say, not ours (src/tmpfiles/tmpfiles.c).
+    tmpfiles_calls: list[list[str]] = field(default_factory=list)
+
+    def set_pin_rules(self, text: str | None) -> None:
+        SystemEffects(self.system.root).set_pin_rules(text)
+
+    def apply_tmpfiles(self, paths: list[str]) -> None:
+        self.tmpfiles_calls.append(list(paths))
+        SystemEffects(self.system.root).apply_tmpfiles(paths)
+
+    def set_link(self, path: str, target: str | None) -> None:
+        SystemEffects(self.system.root).set_link(path, target)
+
 
 def make_config(store: Path, module_dirs: list[Path], rollback_dirs: list[Path] = (), **overrides) -> dict:
     config = {

@@ -71,7 +71,8 @@ def test_the_no_op_path_notes_the_loaded_drivers_firmware_and_verify_command(bed
     system, store, trees, fw, smi = bed
     boot_noop(system, tmp_path, store, trees, fw, smi)
     record = json.loads((system.root("/run/nvidia-kmod-swap") / f"driver-{OLD}.json").read_text())
-    assert record == {"format": 2, "driver_version": OLD, "firmware_path": fw[OLD], "verify_command": smi[OLD]}
+    assert record == {"format": 2, "driver_version": OLD, "firmware_path": fw[OLD], "verify_command": smi[OLD],
+                      "driver_links": None, "nvidia_smi": None}
 
 
 def test_a_rollback_loads_the_old_driver_with_its_own_firmware_and_checks_it(bed, tmp_path):

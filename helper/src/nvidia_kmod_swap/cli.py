@@ -35,6 +35,13 @@ exit codes:
   retry-deferred
           0 nothing deferred, still busy, or the deferred swap was started; 1 starting the
           swap unit failed; 255 broken config
+  pin     0 the driver links follow the loaded driver (or there is nothing to pin: said in the
+          journal); 1 refused (the lock); 255 broken config
+
+While the loaded driver is not the profile's (a deferred, refused or rolled-back swap),
+/run/opengl-driver points at the loaded driver's libraries (a runtime rule in
+/run/tmpfiles.d/00-nvidia-kmod-swap-pin.conf) and /run/nvidia-loaded-driver/bin/nvidia-smi is the
+nvidia-smi that matches it; the swap and a reboot undo both. `status` says what is pinned and why.
 
 A process that holds /dev/nvidia* for a moment (NVML, nvidia-smi) is waited for up to
 busy_grace_s before a swap is deferred. A deferred swap is recorded in the state directory;
@@ -71,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="retry a swap that failed before with the same files (not retried otherwise)")
     sub.add_parser("retry-deferred", help="for a timer: finish a deferred swap once the GPU is idle (starts the "
                    "swap unit, then the GPU units)")
+    sub.add_parser("pin", help="for the switch, before systemd-tmpfiles-resetup: point /run/opengl-driver(-32) at "
+                   "the loaded driver's libraries while it is not the profile's (undone by the swap and at reboot)")
     return parser
 
 
@@ -112,6 +121,8 @@ def main(argv: list[str] | None = None, effects: Effects | None = None) -> int:
             return _plan(root, config, args.json)
         if args.command == "retry-deferred":
             return _retry_deferred(root, config, reporter, effects)
+        if args.command == "pin":
+            return _pin(root, config, reporter, effects)
         return _status(root, config, args.json)
     except Exception as e:  # a bug or a system we did not expect: say so, and never exit 1 (= skip)
         import traceback
@@ -194,6 +205,24 @@ def _swap(root: Root, config: Config, reporter: Reporter, effects: Effects | Non
         return EXIT_REFUSED
 
 
+def _pin(root: Root, config: Config, reporter: Reporter, effects: Effects | None) -> int:
+    from .state import StateError
+    from .swap import EXIT_REFUSED, Refused, Swapper
+
+    if effects is None:
+        if not root.is_live:
+            reporter.event("refused", f"pin with --root {root.base} changes nothing; tests pass fake effects", "err")
+            return EXIT_REFUSED
+        from .effects import SystemEffects
+
+        effects = SystemEffects(root)
+    try:
+        return Swapper(root, config, effects, reporter).pin()
+    except (Refused, StateError) as e:
+        reporter.event("refused", f"refused: {e}", "err", reason=str(e))
+        return EXIT_REFUSED
+
+
 def _retry_deferred(root: Root, config: Config, reporter: Reporter, effects: Effects | None) -> int:
     """A deferred swap waiting for an idle GPU: once no process holds /dev/nvidia*, start the unit
     that swaps (its `check` and `swap` decide again), then the GPU units ordered after it."""
@@ -269,6 +298,34 @@ def _retry_deferred(root: Root, config: Config, reporter: Reporter, effects: Eff
     return 0
 
 
+def _userspace(root: Root, config: Config) -> dict[str, Any]:
+    """What `status` and `plan` say of the driver links: what they show, whether they are pinned,
+    to which version and why, and the nvidia-smi that matches the loaded module."""
+    import os
+
+    from . import userspace
+
+    pin = userspace.current(root, config)
+    return {"pinned": os.path.lexists(root(userspace.PIN_RULES)), "should_pin": pin.pinned, "version": pin.version,
+            "links": userspace.shown(root), "pin": dict(pin.links), "nvidia_smi": pin.nvidia_smi,
+            "reason": pin.reason, "problem": pin.problem or None}
+
+
+def _print_userspace(info: dict[str, Any]) -> None:
+    links = ", ".join(f"{k} -> {v}" for k, v in info["links"].items() if v) or "none"
+    if info["pinned"]:
+        print(f"driver links:    pinned to the loaded driver {info['version']}: {links}")
+    else:
+        print(f"driver links:    this generation's: {links}")
+    if info["pinned"] != info["should_pin"] or info["problem"]:
+        print(f"                 {'should be pinned' if info['should_pin'] else 'not pinnable'}: {info['reason']}")
+    elif info["pinned"]:
+        print(f"                 why: {info['reason']}")
+    if info["nvidia_smi"]:
+        print(f"nvidia-smi:      {info['nvidia_smi']} (matches the loaded module; also "
+              "/run/nvidia-loaded-driver/bin/nvidia-smi)")
+
+
 def _plan(root: Root, config: Config, as_json: bool) -> int:
     import json
 
@@ -276,7 +333,7 @@ def _plan(root: Root, config: Config, as_json: bool) -> int:
 
     plan = make_plan(root, config)
     if as_json:
-        print(json.dumps(plan.to_json(), indent=2))
+        print(json.dumps({**plan.to_json(), "userspace": _userspace(root, config)}, indent=2))
         return 0
     print(f"action: {plan.action}\nreason: {plan.reason}")
     if plan.unload:
@@ -289,6 +346,7 @@ def _plan(root: Root, config: Config, as_json: bool) -> int:
         print(f"holder: {holder.describe()}")
     if plan.stop_units:
         print("stop:   " + " ".join(plan.stop_units))
+    _print_userspace(_userspace(root, config))
     return 0
 
 
@@ -345,6 +403,7 @@ def _status(root: Root, config: Config, as_json: bool) -> int:
             "last_swap": history["last_swap"],
             "deferred": history["pending"],
             "blocked": blocked,
+            "userspace": _userspace(root, config),
         }, indent=2))
         return 0
     print(f"expected driver: {config.driver_version} (for kernel {config.kernel_release})")
@@ -367,6 +426,7 @@ def _status(root: Root, config: Config, as_json: bool) -> int:
         print(f"deferred since:  {deferred['since']}: {deferred['why']}")
         if deferred.get("waits_for") == "idle":
             print("                 the swap runs by itself once the GPU is idle (retry-deferred)")
+    _print_userspace(_userspace(root, config))
     if decisions is None and root.is_live:
         print("(no systemd-python: the journal's history is not shown)")
     return 0

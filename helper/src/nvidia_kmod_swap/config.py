@@ -36,6 +36,10 @@ class Config(NamedTuple):
     lock_timeout_s: float = 60.0  # how long to wait for another run's lock
     swap_unit: str = "nvidia-persistenced.service"  # the unit whose start runs `swap`
     gpu_units: tuple[str, ...] = ()  # units ordered after the swap, run again after a deferred swap
+    # graphics.nix's driver links of this generation, (link, environment), and its nvidia-smi:
+    # what a pin to this driver points at while a later generation waits for its swap (userspace.py).
+    driver_links: tuple[tuple[str, str], ...] | None = None
+    nvidia_smi: str | None = None
 
 
 def parse(data: object) -> Config:

@@ -10,7 +10,9 @@
   driver's files (byname.py);
 - systemd units: systemctl stop/start;
 - the verify command;
-- the Nix GC roots that keep the loaded driver's files.
+- the Nix GC roots that keep the loaded driver's files;
+- the driver links' pin (userspace.py): a runtime tmpfiles rule, applied by systemd-tmpfiles
+  itself, and the link to the loaded driver's tools.
 
 Real syscalls through libc's syscall(2), no shell and no modprobe search path: the exact file the
 plan names is the one the kernel gets. Compressed modules are decompressed here, as kmod does,
@@ -30,7 +32,7 @@ from typing import Protocol
 from .byname import BY_NAME_RULES
 from .modinfo import COMPRESSED, read_bytes
 from .paths import Root
-from .rules import AUTOLOAD_BLOCK, FIRMWARE_PATH
+from .rules import AUTOLOAD_BLOCK, FIRMWARE_PATH, PIN_RULES
 
 SYSCALLS = {
     "x86_64": {"init_module": 175, "delete_module": 176, "finit_module": 313},
@@ -76,6 +78,9 @@ class Effects(Protocol):
     def systemctl(self, args: list[str]) -> None: ...
     def run_command(self, argv: list[str], timeout: float) -> tuple[int, str, str]: ...
     def set_gc_roots(self, directory: str, targets: dict[str, str]) -> None: ...
+    def set_pin_rules(self, text: str | None) -> None: ...
+    def apply_tmpfiles(self, paths: list[str]) -> None: ...
+    def set_link(self, path: str, target: str | None) -> None: ...
 
 
 # kmod's tools, first where NixOS has them: /run/current-system/sw/bin outlives any one generation's
@@ -235,3 +240,42 @@ class SystemEffects:
         for entry in top.iterdir():
             if entry.name not in targets:
                 entry.unlink(missing_ok=True)
+
+    # -- the driver links (userspace.py) -----------------------------------------------------------
+    def set_pin_rules(self, text: str | None) -> None:
+        """PIN_RULES holds TEXT afterwards (replaced in one rename), or is gone for None."""
+        path = self.root(PIN_RULES)
+        if text is None:
+            path.unlink(missing_ok=True)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+    def apply_tmpfiles(self, paths: list[str]) -> None:
+        """systemd-tmpfiles --create for PATHS only: whichever rule wins for each (the pin's, or the
+        generation's graphics-driver.conf once the pin is gone) is applied by systemd itself."""
+        tool = _tool(("/run/current-system/sw/bin/systemd-tmpfiles", "/usr/bin/systemd-tmpfiles",
+                      "/bin/systemd-tmpfiles"), "systemd-tmpfiles")
+        argv = [tool, "--create", *(f"--prefix={p}" for p in paths)]
+        if not self.root.is_live:
+            argv.insert(1, f"--root={self.root.base}")
+        proc = subprocess.run(argv, capture_output=True, text=True, errors="surrogateescape")
+        # Exit 65 (EX_DATAERR) for a syntax warning elsewhere in tmpfiles.d is not ours: the caller
+        # reads the links back and reports what they show.
+        if proc.returncode not in (0, 65):
+            raise EffectError(f"systemd-tmpfiles: {proc.stderr.strip() or f'exit {proc.returncode}'}")
+
+    def set_link(self, path: str, target: str | None) -> None:
+        """PATH is a symlink to TARGET afterwards (one rename), or gone for None."""
+        link = self.root(path)
+        if target is None:
+            if link.is_symlink():
+                link.unlink()
+            return
+        link.parent.mkdir(parents=True, exist_ok=True)
+        tmp = link.with_name(f".{link.name}.tmp")
+        tmp.unlink(missing_ok=True)
+        os.symlink(target, tmp)
+        os.replace(tmp, link)

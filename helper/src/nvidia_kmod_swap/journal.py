@@ -38,6 +38,9 @@ MESSAGE_IDS = {
     "recovery": "83e67c33970d5f25bd6c8dc98a768d1c",
     "busy": "da6789f7f1d2c902d9951e4bd50cbf72",
     "retry": "6b9eb30a623d41ea84b8a4faf7ef3628",
+    "pinned": "3f6c1a0e5d2b4e8f9a7c6d5e4b3a2918",
+    "unpinned": "7a2e9c4b1d6f4a3e8b5c0d9e2f1a6b47",
+    "unpinnable": "c58d2e7f3a9b4c1d8e6f0a2b5c7d9e13",
 }
 PRIORITY = {"debug": 7, "info": 6, "notice": 5, "warning": 4, "err": 3, "crit": 2}
 

@@ -17,10 +17,13 @@ from .rules import (
     DEFAULT_STATE_DIR,
     DEFERRED_RECORD,
     FIRMWARE_PATH,
+    LOADED_DRIVER,
     LOG_TARGETS,
+    PIN_RULES,
     STATE_FILE,
     TYPE_CHECKING,
     ConfigError,
+    bin_output,
     driver_closure,
     driver_record,
     driver_record_json,
@@ -32,6 +35,7 @@ from .rules import (
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from typing import Any
 
 __all__ = ["STATE_FILE", "noop", "parse_unit_argv", "try_noop"]
 
@@ -105,6 +109,8 @@ def noop(args: dict[str, str]) -> int | None:
         return None if os.path.lexists(os.path.join(path(state_dir), DEFERRED_RECORD)) else 0
     if os.path.lexists(os.path.join(path(state_dir), STATE_FILE)) or os.path.lexists(path(AUTOLOAD_BLOCK)):
         return None  # an interrupted swap (or its autoload block): the full path recovers it
+    if os.path.lexists(path(PIN_RULES)):
+        return None  # driver links pinned to another driver: the full path looks whether they still must be
     modules = _read(path("/proc/modules"))
     if modules is None:
         return None
@@ -118,16 +124,17 @@ def noop(args: dict[str, str]) -> int | None:
         versions[name] = None if loaded is None else loaded.strip()
     if versions[CORE] != version or stale(version, versions):
         return None
-    _note_driver(path(state_dir), version, lambda: _read(path(FIRMWARE_PATH)), config.get("verify_command"))
+    _note_driver(path(state_dir), version, lambda: _read(path(FIRMWARE_PATH)), config, path(LOADED_DRIVER))
     if args["command"] == "swap":
         _report(f"loaded NVIDIA driver {version} matches the system profile", version, args["log_target"])
     return 0
 
 
-def _note_driver(state_dir: str, version: str, read_firmware_path: Callable[[], str | None], verify: object) -> None:
-    """driver-<version>.json: the loaded driver's firmware path and verify command, as its own
-    generation set them (at boot, or after our swap), for a later rollback to it. Written once per
-    driver and boot: one stat on every other start."""
+def _note_driver(state_dir: str, version: str, read_firmware_path: Callable[[], str | None],
+                 config: dict[str, Any], loaded_driver: str) -> None:
+    """driver-<version>.json: the loaded driver's firmware path, verify command and userspace, as
+    its own generation set them (at boot, or after our swap), for a later rollback or pin to it; and
+    LOADED_DRIVER, its tools. Written once per driver and boot: one stat on every other start."""
     name = driver_record(version)
     if name is None:
         return
@@ -135,8 +142,11 @@ def _note_driver(state_dir: str, version: str, read_firmware_path: Callable[[], 
     if os.path.lexists(record):
         return
     firmware_path = read_firmware_path()  # only now: a sysfs read is not for every start
+    verify = config.get("verify_command")
+    nvidia_smi = config.get("nvidia_smi")
     data = driver_record_json(version, None if firmware_path is None else firmware_path.strip(),
-                              verify if isinstance(verify, (list, tuple)) else None)
+                              verify if isinstance(verify, (list, tuple)) else None,
+                              config.get("driver_links"), nvidia_smi)
     import json  # once per driver and boot
 
     try:
@@ -145,6 +155,13 @@ def _note_driver(state_dir: str, version: str, read_firmware_path: Callable[[], 
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(data, f)
         os.replace(tmp, record)
+        tools = bin_output(nvidia_smi)
+        if tools is not None:
+            tmp = loaded_driver + ".tmp"
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+            os.symlink(tools, tmp)
+            os.replace(tmp, loaded_driver)
     except OSError:
         pass  # best effort: a rollback without it keeps the firmware path as it is
 

@@ -26,6 +26,11 @@ AUTOLOAD_BLOCK = "/run/modprobe.d/nvidia-kmod-swap.conf"
 # hardware.firmware. The driver loads its GSP firmware from nvidia/<its version>/ there.
 FIRMWARE_PATH = "/sys/module/firmware_class/parameters/path"
 DEFAULT_STATE_DIR = "/run/nvidia-kmod-swap"
+# userspace.py: while a swap waits, the driver links follow the loaded module through this runtime
+# tmpfiles rule (it sorts before graphics.nix's graphics-driver.conf), and LOADED_DRIVER names the
+# loaded driver's `bin` output (its nvidia-smi has a RUNPATH to its own libraries).
+PIN_RULES = "/run/tmpfiles.d/00-nvidia-kmod-swap-pin.conf"
+LOADED_DRIVER = "/run/nvidia-loaded-driver"
 # The booted generation's kernel image (nixpkgs kernel.nix: ln -s ${kernelPath} $out/kernel).
 BOOTED_KERNEL_IMAGE = "/run/booted-system/kernel"
 DEFAULT_CONFIG = "/etc/nvidia-kmod-swap/config.json"  # under --root
@@ -47,10 +52,21 @@ def driver_record(version: str) -> str | None:
     return f"driver-{version}.json"
 
 
-def driver_record_json(version: str, firmware_path: str | None, verify_command: Iterable[str] | None) -> dict[str, Any]:
-    """The record's contents (state.py's format 2), for quick.py's note and state.DriverRecord."""
+def driver_record_json(version: str, firmware_path: str | None, verify_command: Iterable[str] | None,
+                       driver_links: Iterable[tuple[str, str]] | None = None,
+                       nvidia_smi: str | None = None) -> dict[str, Any]:
+    """The record's contents (state.py's format 2), for quick.py's note and state.DriverRecord.
+    driver_links and nvidia_smi: the driver's userspace (userspace.py), which a pin to it needs."""
     return {"format": 2, "driver_version": version, "firmware_path": firmware_path,
-            "verify_command": list(verify_command) if verify_command else None}
+            "verify_command": list(verify_command) if verify_command else None,
+            "driver_links": None if driver_links is None else dict(driver_links), "nvidia_smi": nvidia_smi}
+
+
+def bin_output(nvidia_smi: object) -> str | None:
+    """The driver's `bin` output from its nvidia-smi (nvidia_x11's builder.sh: $bin/bin/nvidia-smi)."""
+    if isinstance(nvidia_smi, str) and nvidia_smi.endswith("/bin/nvidia-smi"):
+        return nvidia_smi.removesuffix("/bin/nvidia-smi")
+    return None
 
 
 # json.loads without importing json: the no-op path runs on every start of the unit, and `import
@@ -154,6 +170,15 @@ def _not_negative(key: str, value: object) -> float:
     return float(value)  # type: ignore[arg-type]
 
 
+def _driver_links(key: str, value: object) -> tuple[tuple[str, str], ...] | None:
+    """{"/run/opengl-driver": environment, ...}: graphics.nix's L+ rules of the generation."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k.startswith("/run/") for k in value):
+        raise ConfigError(f"config key {key!r}: expected an object of /run/... links to paths, got {value!r}")
+    return tuple(sorted((link, _abs(key, _str(key, target))) for link, target in value.items()))
+
+
 def _unit(key: str, value: object) -> str:
     unit = _str(key, value)
     if "/" in unit or not unit.endswith((".service", ".target")):
@@ -185,6 +210,8 @@ PARSERS: dict[str, Callable[[str, object], Any]] = {
     "lock_timeout_s": _positive,
     "swap_unit": _unit,
     "gpu_units": _units,
+    "driver_links": _driver_links,
+    "nvidia_smi": lambda k, v: None if v is None else _abs(k, _str(k, v)),
 }
 KEYS = frozenset(PARSERS)
 

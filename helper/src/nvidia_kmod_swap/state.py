@@ -73,15 +73,27 @@ def _optional_argv(value: object, where: str) -> tuple[str, ...] | None:
     return tuple(value)
 
 
+def _optional_links(value: object, where: str) -> tuple[tuple[str, str], ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise StateError(f"{where}: {value!r} is not a map of driver links")
+    return tuple(sorted(value.items()))
+
+
 class DriverRecord(NamedTuple):
-    """The loaded driver's firmware path and verify command, noted while its generation was current."""
+    """The loaded driver's firmware path, verify command and userspace (its driver links and
+    nvidia-smi), noted while its generation was current."""
 
     driver_version: str
     firmware_path: str | None
     verify_command: tuple[str, ...] | None
+    driver_links: tuple[tuple[str, str], ...] | None = None
+    nvidia_smi: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return driver_record_json(self.driver_version, self.firmware_path, self.verify_command)
+        return driver_record_json(self.driver_version, self.firmware_path, self.verify_command,
+                                  self.driver_links, self.nvidia_smi)
 
 
 class SwapState:
@@ -324,7 +336,9 @@ class StateDir(NamedTuple):
         where = str(self.path / name)
         try:
             return DriverRecord(data["driver_version"], _optional_str(data.get("firmware_path"), where),
-                                _optional_argv(data.get("verify_command"), where))
+                                _optional_argv(data.get("verify_command"), where),
+                                _optional_links(data.get("driver_links"), where),
+                                _optional_str(data.get("nvidia_smi"), where))
         except StateError:
             return None
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from . import byname, devices
+from . import byname, devices, userspace
 from . import params as params_mod
 from .config import Config
 from .effects import EffectError, Effects, KmodError, kmod_tool
@@ -42,7 +42,7 @@ from .models import DEFER, Event, Outcome, Priority
 from .modinfo import ModInfo, ModuleFiles
 from .paths import Root
 from .plan import LoadStep, Plan, allowed, changed_since, plan_restore, q, restore_problems
-from .rules import AUTOLOAD_BLOCK, CORE, FIRMWARE_PATH
+from .rules import AUTOLOAD_BLOCK, CORE, FIRMWARE_PATH, LOADED_DRIVER, PIN_RULES, bin_output
 from .snapshot import Snapshot, read_snapshot
 from .state import (
     DEFERRED_RECORD,
@@ -201,7 +201,20 @@ class Swapper:
                 # A block left by an earlier run that was killed: never leave the kernel unable to
                 # load the driver by name.
                 self._lift_autoload_block()
+            # However it ended, programs started from now on get the loaded driver's libraries.
+            self.keep_userspace()
         return report(self.reporter, result)
+
+    def pin(self) -> int:
+        """The `pin` command (the switch runs it before systemd-tmpfiles-resetup): the driver links
+        follow the loaded module, under the lock so that no swap changes it meanwhile."""
+        try:
+            self.state.ensure()
+        except StateError as e:
+            raise Refused(f"{e}; nothing was touched") from e
+        with self._lock():
+            self.keep_userspace()
+        return EXIT_OK
 
     def _dispatch(self) -> Outcome:
         try:
@@ -321,6 +334,56 @@ class Swapper:
     def _term_failpoint(self) -> None:
         if self.term_after_step is not None and self.term_after_step == self._step - 1:
             os.kill(os.getpid(), signal.SIGTERM)  # the handler raises Terminated here
+
+    # -- the driver links follow the loaded module (userspace.py) ----------------------------------
+    def keep_userspace(self) -> userspace.Pin | None:
+        """Pins /run/opengl-driver(-32) to the loaded driver's environments while it is not this
+        generation's, unpins them when it is, and says so when it changed; what the links show is
+        read back, never assumed. Never fails the run: a warning says what could not be done."""
+        try:
+            pin = userspace.current(self.root, self.config)
+            self._apply_pin(pin)
+            return pin
+        except (OSError, EffectError, StateError) as e:
+            self.reporter.event("unpinnable", f"could not set the driver links ({e}): programs started now may "
+                                "load another driver's libraries than the loaded module's", "warning")
+            return None
+
+    def _apply_pin(self, pin: userspace.Pin) -> None:
+        rules = pin.rules()
+        try:
+            before: str | None = self.root(PIN_RULES).read_text(errors="surrogateescape")
+        except FileNotFoundError:
+            before = None
+        wanted = dict(pin.links) if pin.pinned else dict(self.config.driver_links or ())
+        links = userspace.shown(self.root)
+        if rules != before or any(links.get(link) != target for link, target in wanted.items()):
+            self.effects.set_pin_rules(rules)
+            self.effects.apply_tmpfiles(list(userspace.DRIVER_LINKS))
+            links = userspace.shown(self.root)
+        wrong = {link: links.get(link) or "nothing" for link, target in wanted.items() if links.get(link) != target}
+        tools = bin_output(pin.nvidia_smi) if pin.version else None
+        self.effects.set_link(LOADED_DRIVER, tools)
+        if self.config.gc_root_dir:
+            # The pinned environments stay while programs use them (a GC of the generation that
+            # loaded them must not take them); a booted one is rooted by booted-system anyway.
+            self.effects.set_gc_roots(f"{self.config.gc_root_dir}-pin",
+                                      {os.path.basename(link): target for link, target in pin.links})
+        fields: dict[str, Any] = dict(loaded_version=pin.version, expected_version=self.config.driver_version,
+                                      links={link: links.get(link) for link in wanted}, nvidia_smi=pin.nvidia_smi)
+        if wrong:
+            self.reporter.event("unpinnable", f"the driver links do not show what they should: "
+                                f"{', '.join(f'{k} -> {v}' for k, v in wrong.items())} "
+                                f"(wanted {', '.join(f'{k} -> {wanted[k]}' for k in wrong)})", "warning", **fields)
+        elif pin.pinned and rules != before:
+            self.reporter.event("pinned", f"driver links pinned to the loaded driver {pin.version}: "
+                                f"{', '.join(f'{k} -> {v}' for k, v in pin.links)}; {pin.reason}", "notice", **fields)
+        elif not pin.pinned and before is not None:
+            self.reporter.event("unpinned", f"driver links unpinned: {pin.reason}"
+                                + (f" ({', '.join(f'{k} -> {v}' for k, v in wanted.items())})" if wanted else ""),
+                                "notice", **fields)
+        if pin.problem and self.config.driver_links:
+            self.reporter.event("unpinnable", pin.problem, "warning", **fields)
 
     # -- apply a plan ------------------------------------------------------------------------------
     def _apply(self, plan: Plan, fields: dict[str, Any]) -> Outcome:
@@ -519,11 +582,12 @@ class Swapper:
         self.state.write(LOADED_RECORD, LoadedRecord(version, record).to_json())
         firmware = self._firmware_path()
         try:
-            self.state.write_driver(DriverRecord(version, firmware, self.config.verify_command))
+            self.state.write_driver(DriverRecord(version, firmware, self.config.verify_command,
+                                                 self.config.driver_links, self.config.nvidia_smi))
         except OSError as e:
             self.reporter.event("step", f"could not note the driver's firmware path ({e.strerror})", "warning")
         self.state.remove(STATE_FILE)
-        self._keep_on_disk(resolved, firmware, self.config.verify_command)
+        self._keep_on_disk(resolved, firmware, self.config.verify_command, self.config.driver_links or ())
         self._route_by_name(shipped, version)
 
     def _finish_loaded(self, load: tuple[LoadStep, ...], version: str) -> None:
@@ -536,7 +600,7 @@ class Swapper:
                                 "the next bump may find no file to roll back to", "warning")
 
     def _keep_on_disk(self, load: tuple[LoadStep, ...], firmware: str | None,
-                      verify: tuple[str, ...] | None) -> None:
+                      verify: tuple[str, ...] | None, links: tuple[tuple[str, str], ...] = ()) -> None:
         """GC roots for everything a rollback to the loaded driver needs: each module file, its
         firmware directory and its verify command (a generation's hardware.firmware environment
         and nvidia-smi are store paths of that generation alone); the previous roots are dropped."""
@@ -547,6 +611,10 @@ class Swapper:
             wanted["firmware"] = firmware
         if verify:
             wanted["verify-command"] = verify[0]
+        # Its driver environments (graphics.nix's buildEnv, of that generation alone): what a pin to
+        # this driver points programs at while a later generation waits for its swap.
+        for link, target in links:
+            wanted[os.path.basename(link)] = target
         resolved = {n: Path(os.path.realpath(p)) for n, p in wanted.items()}
         targets = {n: str(p) for n, p in resolved.items() if allowed(p, self.config.allowed_prefixes)}
         try:
@@ -678,7 +746,9 @@ class Swapper:
                     return self._rollback_failed(swap, reason, after, f"the rolled-back driver does not work: {e}")
         self.state.remove(STATE_FILE)
         firmware = swap.rollback_firmware_path if swap.rollback_firmware_path is not None else self._firmware_path()
-        self._keep_on_disk(target, firmware, swap.rollback_verify_command)
+        record = self.state.driver(swap.loaded_version) if swap.loaded_version else None
+        self._keep_on_disk(target, firmware, swap.rollback_verify_command,
+                           record.driver_links or () if record is not None else ())
         self._route_by_name(self._shipped(target, swap.loaded_version), swap.loaded_version)
         shown = describe_loaded(after, [s.name for s in target]) if target else "no NVIDIA module"
         return outcome(EXIT_ROLLED_BACK, "rolled-back", f"rolled back: the NVIDIA driver {old} is loaded again "
