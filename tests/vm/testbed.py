@@ -45,6 +45,7 @@ IN_TREE_MODULES = ["kernel/drivers/gpu/drm/drm.ko"]
 # ones (nvidia-container-toolkit-cdi-generator, nvidia-powerd, nvidia-fabricmanager, the user's).
 GPU_UNITS = {"gpu-cdi-generator.service": "CDI generator (nvidia-ctk cdi generate: NVML)",
              "gpu-power-limit.service": "power limit (nvidia-smi -pl)"}
+CDI_UNIT = "nvidia-container-toolkit-cdi-generator.service"
 
 
 def log(msg: str) -> None:
@@ -149,6 +150,7 @@ class Boot:
     persistenced: bool = True           # nvidia-persistenced enabled (started at boot)
     gpu_units: bool = False             # the GPU units of GPU_UNITS, enabled and wired
     retry_timer: bool = False           # nvidia-kmod-swap-retry.timer enabled (NixOS always has it)
+    cdi: bool = False                   # nvidia-container-toolkit's CDI generator, wired as a GPU unit
     memory_mib: int = 2048
 
 
@@ -173,8 +175,8 @@ class Overlay:
         target.write_text(text)
         target.chmod(mode)
 
-    def _enable(self, root: Path, unit: str, target: str) -> None:
-        wants = root / f"etc/systemd/system/{target}.wants"
+    def _enable(self, root: Path, unit: str, target: str, kind: str = "wants") -> None:
+        wants = root / f"etc/systemd/system/{target}.{kind}"
         wants.mkdir(parents=True, exist_ok=True)
         (wants / unit).symlink_to(f"/etc/systemd/system/{unit}")
 
@@ -205,17 +207,35 @@ class Overlay:
             self._put(root, f"/etc/systemd/system/{unit}", (GUEST / unit).read_text())
         if boot.retry_timer:
             self._enable(root, "nvidia-kmod-swap-retry.timer", "timers.target")
+        gpu_units = []
         if boot.gpu_units:
             template = (GUEST / "gpu-unit.service.in").read_text()
             for unit, what in GPU_UNITS.items():
                 text = template.replace("@WHAT@", what).replace("@NAME@", unit.removesuffix(".service"))
                 self._put(root, f"/etc/systemd/system/{unit}", text)
                 self._enable(root, unit, "multi-user.target")
-            self._put(root, "/etc/testbed/gpu-units.json", json.dumps(sorted(GPU_UNITS)))
+            gpu_units += sorted(GPU_UNITS)
+        if boot.cdi:
+            self._put(root, f"/etc/systemd/system/{CDI_UNIT}", (GUEST / CDI_UNIT).read_text())
+            self._enable(root, CDI_UNIT, "multi-user.target")
+            for tool in ("nvidia-ctk-cdi-generate", "cdi-run"):
+                self._put(root, f"/usr/local/bin/{tool}", (GUEST / tool).read_text(), 0o755)
+            self._put(root, "/etc/udev/rules.d/99-nvidia-container-toolkit.rules",
+                      (GUEST / "99-nvidia-container-toolkit.rules").read_text())
+            gpu_units.append(CDI_UNIT)
+        if gpu_units:
+            self._put(root, "/etc/testbed/gpu-units.json", json.dumps(gpu_units))
+        # What a switch runs before any other unit (switch-to-configuration-ng: the restart of
+        # sysinit-reactivation.target), and graphics.nix's link for GPU programs (gpu-client).
+        for unit in ("sysinit-reactivation.target", "systemd-tmpfiles-resetup.service", "nvidia-kmod-swap-pin.service"):
+            self._put(root, f"/etc/systemd/system/{unit}", (GUEST / unit).read_text())
+        for unit in ("systemd-tmpfiles-resetup.service", "nvidia-kmod-swap-pin.service"):
+            self._enable(root, unit, "sysinit-reactivation.target", kind="requires")
+        shutil.copy(self.packages_dir / self.index["gpu_client"], root / "usr/local/bin/gpu-client")
         profile = boot.profile or boot.driver or "new"
         self._put(root, "/etc/systemd/system/testbed-profile.service", (
             "[Unit]\nDescription=Test bed: the system profile's driver\nDefaultDependencies=no\n"
-            "After=local-fs.target\nBefore=sysinit.target nvidia-persistenced.service\n\n"
+            "After=local-fs.target\nBefore=sysinit.target nvidia-persistenced.service systemd-tmpfiles-setup.service\n\n"
             f"[Service]\nType=oneshot\nRemainAfterExit=yes\n"
             f"ExecStart=/usr/local/bin/switch-driver --no-reload --booted {boot.driver or profile} {profile}\n"))
         self._enable(root, "testbed-profile.service", "sysinit.target")
@@ -469,6 +489,28 @@ class Bed:
         args += [f"--set={k}={json.dumps(v)}" for k, v in (config or {}).items()]
         args.append("--helper" if helper else "--no-helper")
         self.machine.succeed("switch-driver " + " ".join(shlex.quote(a) for a in args))
+
+    def switch(self, label: str, *, config: dict | None = None) -> tuple[int, str]:
+        """`nixos-rebuild switch` to a generation whose driver is LABEL, in switch-to-configuration-ng's
+        order (pkgs/by-name/sw/switch-to-configuration-ng/src/src/main.rs): stop the units that
+        changed (the swap unit and the GPU units, whose restartTriggers name the driver; resetup and
+        the pin unit, whose trigger is /etc/tmpfiles.d, which the new graphics-drivers environment
+        changes), run the activation (switch-driver: /etc, /run/current-system, the firmware path),
+        reload systemd, restart sysinit-reactivation.target and wait for it, then start the stopped
+        units. Returns the exit code and output of that start (switch-to-configuration exits 4 on a
+        failed start)."""
+        gpu_units = json.loads(self.machine.succeed("cat /etc/testbed/gpu-units.json 2>/dev/null || echo '[]'"))
+        units = ["nvidia-persistenced.service", *gpu_units]
+        self.machine.succeed("systemctl stop " + " ".join(
+            units + ["systemd-tmpfiles-resetup.service", "nvidia-kmod-swap-pin.service"]), timeout=180)
+        self.switch_driver(label, config=config)
+        self.machine.succeed("systemctl restart sysinit-reactivation.target", timeout=180)
+        return self.machine.execute("systemctl start " + " ".join(units), timeout=300)
+
+    def gpu_program(self, command: str = "gpu-client") -> tuple[int, str]:
+        """A GPU program started now (nixpkgs' addDriverRunpath: RUNPATH /run/opengl-driver/lib):
+        (exit code, output); "driver V library V" when its libraries match the loaded module."""
+        return self.machine.execute(command)
 
     def hold_gpu(self, unit: str = "cuda-job.service", path: str = "/dev/nvidia0") -> str:
         """A transient unit that keeps PATH open, as a CUDA job does; its pid once it holds it."""
