@@ -89,6 +89,16 @@ let
   # (settle) and the old driver's own verify command (60 s), and a margin.
   startBudget = cfg.lockTimeout + 4 * cfg.busyGrace + 3 * cfg.settleTimeout + 2 * 60 + 30;
 
+  # graphics.nix's driver links of this generation (systemd.tmpfiles.settings.graphics-driver:
+  # "/run/opengl-driver"."L+".argument = toString driversEnv, and "-32" likewise with enable32Bit):
+  # what a pin to this driver points programs at while a later generation waits for its swap.
+  graphicsRules = config.systemd.tmpfiles.settings.graphics-driver or { };
+  driverLinks = lib.mapAttrs (_: rule: rule."L+".argument) (
+    lib.filterAttrs (
+      _: rule: rule ? "L+" && lib.hasPrefix "/" (toString (rule."L+".argument or ""))
+    ) graphicsRules
+  );
+
   settings = {
     driver_version = cfg.nvidiaPackage.version;
     kernel_release = release;
@@ -133,6 +143,9 @@ let
     lock_timeout_s = cfg.lockTimeout;
     swap_unit = swapUnit;
     gpu_units = map (u: "${u}.service") gpuUnits;
+    driver_links = if driverLinks == { } then null else driverLinks;
+    # nvidia_x11's builder.sh installs nvidia-smi in `bin`, with a RUNPATH to its own `out`/lib.
+    nvidia_smi = "${lib.getBin cfg.nvidiaPackage}/bin/nvidia-smi";
   };
 
   configFile = pkgs.writeText "nvidia-kmod-swap.json" (builtins.toJSON settings);
@@ -378,6 +391,32 @@ in
             restartTriggers = driverTriggers;
             serviceConfig.ExecCondition = lib.mkBefore [ "+${helper} check" ];
           }))
+          # While the loaded driver is not this generation's, keep /run/opengl-driver on the loaded
+          # driver's libraries. switch-to-configuration-ng restarts sysinit-reactivation.target after
+          # the activation and before any other unit (src/main.rs); systemd-tmpfiles-resetup, in it,
+          # re-applies graphics.nix's rule whenever /etc/tmpfiles.d changed (a new driver always
+          # changes it). This runs first, with the same trigger, and leaves a runtime rule that
+          # resetup (and any later systemd-tmpfiles --create) keeps; the swap removes it.
+          {
+            nvidia-kmod-swap-pin = {
+              description = "Keep the NVIDIA driver links on the loaded driver until it is swapped";
+              requiredBy = [ "sysinit-reactivation.target" ];
+              before = [
+                "systemd-tmpfiles-resetup.service"
+                "sysinit-reactivation.target"
+              ];
+              after = [ "local-fs.target" ];
+              restartTriggers = lib.optional (
+                config.environment.etc ? "tmpfiles.d"
+              ) config.environment.etc."tmpfiles.d".source;
+              unitConfig.DefaultDependencies = false;
+              serviceConfig = {
+                Type = "oneshot";
+                RemainAfterExit = true;
+                ExecStart = "${helper} pin";
+              };
+            };
+          }
         ];
         systemd.timers.nvidia-kmod-swap-retry = {
           wantedBy = [ "timers.target" ];
@@ -402,6 +441,22 @@ in
           };
         };
       })
+
+      # nixpkgs' CDI generator writes its spec to RuntimeDirectory=cdi, which systemd removes when
+      # the unit stops: the switch stops it and the gate skips it while a swap waits, leaving
+      # containers no spec ("unresolvable CDI devices"). Kept, the spec is the loaded driver's
+      # (the one it was generated for), and the generator runs again after the swap.
+      (lib.mkIf
+        (enabled [
+          "hardware"
+          "nvidia-container-toolkit"
+          "enable"
+        ])
+        {
+          systemd.services.nvidia-container-toolkit-cdi-generator.serviceConfig.RuntimeDirectoryPreserve =
+            lib.mkDefault "yes";
+        }
+      )
 
       (lib.mkIf cfg.standalone {
         systemd.services.nvidia-kmod-swap = {

@@ -33,22 +33,29 @@ let
   # every output; passthru compressFirmware = false, ibtSupport, settings, fabricmanager.
   driverOf =
     version:
-    fakeDrv "nvidia-x11-${version}" {
-      inherit version;
-      useGLVND = true;
-      useProfiles = true;
-      compressFirmware = false;
-      ibtSupport = true;
-      bin = fakeDrv "nvidia-x11-${version}-bin" { };
-      firmware = fakeDrv "nvidia-x11-${version}-firmware" { compressFirmware = false; };
-      settings = fakeDrv "nvidia-settings-${version}" { };
-      fabricmanager = fakeDrv "fabricmanager-${version}" { meta.mainProgram = "nv-fabricmanager"; };
-      mod = fakeDrv "nvidia-kernel-modules-6.18.1-${version}" { };
-      open = fakeDrv "nvidia-open-6.18.1-${version}" { };
-      persistenced = fakeDrv "nvidia-persistenced-${version}" {
-        meta.mainProgram = "nvidia-persistenced";
+    let
+      self = fakeDrv "nvidia-x11-${version}" {
+        inherit version;
+        # Every derivation has its outputs as attributes (`out` is itself); builder.sh's lib32
+        # output holds the 32-bit libraries (i686bundled).
+        out = self;
+        lib32 = fakeDrv "nvidia-x11-${version}-lib32" { };
+        useGLVND = true;
+        useProfiles = true;
+        compressFirmware = false;
+        ibtSupport = true;
+        bin = fakeDrv "nvidia-x11-${version}-bin" { };
+        firmware = fakeDrv "nvidia-x11-${version}-firmware" { compressFirmware = false; };
+        settings = fakeDrv "nvidia-settings-${version}" { };
+        fabricmanager = fakeDrv "fabricmanager-${version}" { meta.mainProgram = "nv-fabricmanager"; };
+        mod = fakeDrv "nvidia-kernel-modules-6.18.1-${version}" { };
+        open = fakeDrv "nvidia-open-6.18.1-${version}" { };
+        persistenced = fakeDrv "nvidia-persistenced-${version}" {
+          meta.mainProgram = "nvidia-persistenced";
+        };
       };
-    };
+    in
+    self;
   driver = driverOf "595.44.01";
   legacyDriver = removeAttrs (driverOf "570.133.07") [ "mod" ];
 
@@ -762,6 +769,111 @@ in
         want = [ ];
       }
     ];
+  }
+  {
+    # Issue 23: graphics.nix's driver links (its tmpfiles L+ rules) are what a pin to this driver
+    # restores; nvidia-smi is the `bin` output's.
+    name = "the config names this generation's driver links and nvidia-smi";
+    ok =
+      let
+        desktop = json base;
+        thirtyTwo = json (system {
+          settings.enable = true;
+          hardware = nvidia { };
+          extra.hardware.graphics.enable32Bit = true;
+        });
+        env = s: (config s).systemd.tmpfiles.settings.graphics-driver."/run/opengl-driver"."L+".argument;
+      in
+      expect [
+        {
+          what = "a desktop (the X server enables hardware.graphics)";
+          got = desktop.driver_links;
+          want = {
+            "/run/opengl-driver" = env base;
+          };
+        }
+        {
+          what = "its environment holds the driver's libraries (nvidia.nix: extraPackages = [ nvidia_x11.out ])";
+          got = lib.elem driver.outPath (map (p: p.outPath) (config base).hardware.graphics.extraPackages);
+          want = true;
+        }
+        {
+          what = "enable32Bit adds the 32-bit link";
+          got = builtins.attrNames thirtyTwo.driver_links;
+          want = [
+            "/run/opengl-driver"
+            "/run/opengl-driver-32"
+          ];
+        }
+        {
+          what = "a headless datacenter machine has no driver links to pin";
+          got = (json datacenter).driver_links;
+          want = null;
+        }
+        {
+          what = "nvidia-smi";
+          got = desktop.nvidia_smi;
+          want = "${driver.bin}/bin/nvidia-smi";
+        }
+      ];
+  }
+  {
+    # Issue 23: the pin runs in every switch that changes a tmpfiles rule, before
+    # systemd-tmpfiles-resetup re-applies graphics.nix's link (switch-to-configuration-ng restarts
+    # sysinit-reactivation.target before it starts any other unit).
+    name = "the pin unit runs in the switch, before systemd-tmpfiles-resetup";
+    ok =
+      let
+        svc = (config base).systemd.services.nvidia-kmod-swap-pin;
+      in
+      expect [
+        {
+          what = "wiring";
+          got = {
+            inherit (svc) requiredBy before;
+            triggers = map (p: p.outPath) svc.restartTriggers;
+            default = svc.unitConfig.DefaultDependencies;
+            start = svc.serviceConfig.ExecStart;
+          };
+          want = {
+            requiredBy = [ "sysinit-reactivation.target" ];
+            before = [
+              "systemd-tmpfiles-resetup.service"
+              "sysinit-reactivation.target"
+            ];
+            triggers = [ (config base).environment.etc."tmpfiles.d".source.outPath ];
+            default = false;
+            start = "${helper} --config ${file base} pin";
+          };
+        }
+      ];
+  }
+  {
+    # Issue 23: RuntimeDirectory=cdi is removed when the generator stops (systemd.exec(5),
+    # RuntimeDirectoryPreserve= default no); kept, containers keep the loaded driver's spec.
+    name = "the CDI generator's spec survives its stop";
+    ok =
+      let
+        withToolkit = system {
+          settings.enable = true;
+          hardware = nvidia { };
+          extra.hardware.nvidia-container-toolkit.enable = true;
+        };
+      in
+      expect [
+        {
+          what = "RuntimeDirectoryPreserve";
+          got =
+            (config withToolkit)
+            .systemd.services.nvidia-container-toolkit-cdi-generator.serviceConfig.RuntimeDirectoryPreserve;
+          want = "yes";
+        }
+        {
+          what = "nothing without the toolkit";
+          got = (config base).systemd.services ? nvidia-container-toolkit-cdi-generator;
+          want = false;
+        }
+      ];
   }
   {
     name = "disabled: the module adds nothing";

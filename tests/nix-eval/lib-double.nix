@@ -481,6 +481,8 @@ let
         }) names
       );
     mapAttrsToList = f: attrs: map (n: f n attrs.${n}) (attrNames attrs);
+    # lib/strings.nix: concatStrings = builtins.concatStringsSep "".
+    concatStrings = concatStringsSep "";
     filterAttrs =
       pred: set:
       listToAttrs (

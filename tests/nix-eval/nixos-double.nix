@@ -161,8 +161,8 @@
   # Common, X11 and Data Center blocks). Everything it forces when our module reads the config is
   # here: the environment.etc entries (reading any key forces every mkIf in that attrsOf, among
   # them nvidia_x11.useProfiles), the assertions (among them `!cfg.open`, an error on null), the
-  # module packages, the boot modules and the units. Left out: PRIME, power management, the X
-  # server's driver entry and hardware.graphics' driver packages (options we never read).
+  # module packages, the boot modules, the units and hardware.graphics' driver packages (what
+  # /run/opengl-driver links). Left out: PRIME, power management, the X server's driver entry.
   # era "2025": the file before nixpkgs PR 498612 (extraModulePackages = [ nvidia_x11.bin ]).
   (
     {
@@ -306,6 +306,10 @@
                   }
                 ];
                 hardware.firmware = lib.optional cfg.gsp.enable nvidia_x11.firmware;
+                hardware.graphics = {
+                  extraPackages = [ nvidia_x11.out ];
+                  extraPackages32 = [ nvidia_x11.lib32 ];
+                };
                 environment.etc = {
                   "nvidia/nvidia-application-profiles-rc" = lib.mkIf nvidia_x11.useProfiles {
                     source = "${nvidia_x11.bin}/share/nvidia/nvidia-application-profiles-rc";
@@ -384,6 +388,113 @@
     }
   )
 
+  # nixos/modules/hardware/graphics.nix (NixOS/nixpkgs 0009474f) and the X server's default for it
+  # (services/x11/xserver.nix: mkDefault true, as `hardware.opengl.enable` before the rename): the
+  # driver links, systemd-tmpfiles `L+` rules to a buildEnv of the driver packages, or an `r` rule
+  # for "-32" without enable32Bit.
+  (
+    {
+      config,
+      lib,
+      pkgs,
+      ...
+    }:
+    let
+      cfg = config.hardware.graphics;
+      driversEnv = pkgs.buildEnv {
+        name = "graphics-drivers";
+        paths = [
+          cfg.package
+          pkgs.libGL
+        ]
+        ++ cfg.extraPackages;
+      };
+      driversEnv32 = pkgs.buildEnv {
+        name = "graphics-drivers-32bit";
+        paths = [
+          cfg.package32
+          pkgs.libGL
+        ]
+        ++ cfg.extraPackages32;
+      };
+      packages = lib.mkOption {
+        type = lib.types.listOf lib.types.package;
+        default = [ ];
+      };
+    in
+    {
+      options.hardware.graphics = {
+        enable = lib.mkEnableOption "hardware accelerated graphics drivers";
+        enable32Bit = lib.mkEnableOption "32-bit drivers";
+        package = lib.mkOption {
+          type = lib.types.package;
+          default = pkgs.mesa;
+        };
+        package32 = lib.mkOption {
+          type = lib.types.package;
+          default = pkgs.pkgsi686Linux.mesa;
+        };
+        extraPackages = packages;
+        extraPackages32 = packages;
+      };
+      config = lib.mkMerge [
+        (lib.mkIf config.services.xserver.enable { hardware.graphics.enable = lib.mkDefault true; })
+        (lib.mkIf cfg.enable {
+          systemd.tmpfiles.settings.graphics-driver = {
+            "/run/opengl-driver"."L+".argument = toString driversEnv;
+            "/run/opengl-driver-32" =
+              if pkgs.stdenv.hostPlatform.isi686 then
+                { "L+".argument = "opengl-driver"; }
+              else if cfg.enable32Bit then
+                { "L+".argument = toString driversEnv32; }
+              else
+                { "r" = { }; };
+          };
+        })
+      ];
+    }
+  )
+
+  # nixos/modules/system/boot/systemd/tmpfiles.nix (NixOS/nixpkgs 04659916): settings.<name> is
+  # written to tmpfiles.d/<name>.conf (writeTextDir "lib/tmpfiles.d/<name>.conf"), all of them
+  # joined into environment.etc."tmpfiles.d" (the trigger of systemd-tmpfiles-resetup). The
+  # entries' submodule defaults (mode, user, group, age "-", argument "") are not modelled: we read
+  # only "L+" entries' argument.
+  (
+    {
+      config,
+      lib,
+      pkgs,
+      ...
+    }:
+    let
+      rules =
+        paths:
+        lib.concatStrings (
+          lib.concatLists (
+            lib.mapAttrsToList (
+              path: types:
+              lib.mapAttrsToList (
+                type: entry: "'${type}' '${path}' '-' '-' '-' '-' ${entry.argument or ""}\n"
+              ) types
+            ) paths
+          )
+        );
+    in
+    {
+      options.systemd.tmpfiles.settings = lib.mkOption {
+        type = lib.types.attrsOf (lib.types.attrsOf (lib.types.attrsOf lib.types.anything));
+        default = { };
+      };
+      config.environment.etc."tmpfiles.d".source = pkgs.symlinkJoin {
+        name = "tmpfiles.d";
+        paths = lib.mapAttrsToList (
+          name: paths: pkgs.writeTextDir "lib/tmpfiles.d/${name}.conf" (rules paths)
+        ) config.systemd.tmpfiles.settings;
+      };
+    }
+  )
+
   # The rest of NixOS we define into or read.
   (
     { lib, pkgs, ... }:
@@ -408,6 +519,8 @@
         requires = listOf str;
         path = listOf package;
         restartTriggers = listOf unspecified;
+        requiredBy = listOf str;
+        before = listOf str;
         serviceConfig = attrsOf unitOption;
         unitConfig = attrsOf unitOption;
       };

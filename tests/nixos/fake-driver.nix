@@ -53,6 +53,30 @@ let
   open = modules "open" "kernel/drivers/video";
   legacyModules = modules "legacy-kernel-modules" "misc";
 
+  # A GPU program as nixpkgs builds them: addDriverRunpath's RUNPATH /run/opengl-driver/lib and
+  # nothing else (pkgs/build-support/add-driver-runpath: driverLink), linked against any build
+  # of libnvidia-ml.so.1.
+  client = stdenv.mkDerivation {
+    pname = "fake-gpu-client";
+    inherit version;
+    src = ../fake-driver;
+    buildPhase = ''
+      runHook preBuild
+      $CC -O2 -Wall -shared -fPIC -I. -DFAKE_NV_VERSION='"${version}"' \
+        -Wl,-soname,libnvidia-ml.so.1 -o libnvidia-ml.so.1 libnvidia-ml.c
+      $CC -O2 -Wall -o gpu-client gpu-client.c -L. -l:libnvidia-ml.so.1 \
+        -Wl,--enable-new-dtags,-rpath,/run/opengl-driver/lib
+      runHook postBuild
+    '';
+    installPhase = ''
+      runHook preInstall
+      install -Dm755 -t $out/bin gpu-client
+      runHook postInstall
+    '';
+    dontPatchELF = true; # the RUNPATH is the point
+    meta.mainProgram = "gpu-client";
+  };
+
   persistenced = stdenv.mkDerivation {
     pname = "fake-nvidia-persistenced";
     inherit version;
@@ -81,15 +105,22 @@ stdenv.mkDerivation {
     "firmware"
   ];
 
+  # builder.sh (NixOS/nixpkgs 01f31c2e): every library in $out/lib as lib<name>.so.<version>,
+  # linked from .so.1 (ln -srnf); nvidia-smi in $bin/bin with a RUNPATH of $out/lib. The test
+  # machine's GPU program (gpu-client) is in passthru.client.
   buildPhase = ''
     runHook preBuild
     $CC -O2 -Wall -I. -DFAKE_NV_VERSION='"${version}"' -o nvidia-smi nvidia-smi.c
+    $CC -O2 -Wall -shared -fPIC -I. -DFAKE_NV_VERSION='"${version}"' \
+      -Wl,-soname,libnvidia-ml.so.1 -o libnvidia-ml.so.${version} libnvidia-ml.c
     runHook postBuild
   '';
 
   installPhase = ''
     runHook preInstall
     install -Dm755 -t $bin/bin nvidia-smi
+    install -Dm755 -t $out/lib libnvidia-ml.so.${version}
+    ln -srnf $out/lib/libnvidia-ml.so.${version} $out/lib/libnvidia-ml.so.1
     mkdir -p $out/lib $firmware/lib/firmware/nvidia/${version}
     echo "fake GSP firmware ${version}" > $firmware/lib/firmware/nvidia/${version}/gsp_ga10x.bin
   ''
@@ -108,7 +139,7 @@ stdenv.mkDerivation {
   useProfiles = false;
 
   passthru = {
-    inherit open persistenced;
+    inherit open persistenced client;
     # udev.nix compresses hardware.firmware with zstd on kernels >= 5.19 unless a package says
     # this (generic.nix passthru; stdenv puts passthru on every output, `firmware` included): the
     # driver loads nvidia/<version>/gsp_*.bin by that name.

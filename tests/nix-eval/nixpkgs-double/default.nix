@@ -146,6 +146,7 @@ let
         hostPlatform = {
           inherit system;
           isLinux = true;
+          isi686 = false;
         };
         mkDerivation =
           attrs:
@@ -161,6 +162,29 @@ let
         drv (env // { inherit name buildCommand; });
       runCommandCC = final.runCommand;
       writeText = name: text: drv { inherit name text; };
+      # trivial-builders: writeTextDir NAME-with-path TEXT is a directory holding that file;
+      # symlinkJoin a derivation of links to the PATHS' files.
+      writeTextDir =
+        path: text:
+        drv {
+          name = baseNameOf path;
+          inherit path text;
+        };
+      symlinkJoin =
+        {
+          name,
+          paths,
+          ...
+        }:
+        drv { inherit name paths; };
+      # What hardware.graphics links by default (nixos/modules/hardware/graphics.nix: package =
+      # pkgs.mesa, package32 = pkgs.pkgsi686Linux.mesa, and pkgs.libGL in both environments).
+      mesa = drv { name = "mesa-25.1.7"; };
+      libGL = drv { name = "libglvnd-1.7.0"; };
+      pkgsi686Linux = {
+        mesa = drv { name = "mesa-i686-unknown-linux-gnu-25.1.7"; };
+        libGL = drv { name = "libglvnd-i686-unknown-linux-gnu-1.7.0"; };
+      };
       runtimeShell = "/nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-bash-5.3/bin/bash";
       python3Packages = {
         buildPythonApplication = attrs: drv attrs;
