@@ -1026,6 +1026,7 @@ in
           "swap"
           "swap-legacy-layout"
           "swap-open"
+          "userspace"
         ];
       }
     ];

@@ -39,6 +39,12 @@ in
     name = "gpu-units";
     script = ./gpu-units.py;
   };
+  # Issue 23: while a swap waits (busy GPU, rolled back), programs started then get the loaded
+  # driver's libraries through graphics.nix's real /run/opengl-driver rule, and the swap moves them.
+  userspace = story {
+    name = "userspace";
+    script = ./userspace.py;
+  };
   # A new module fails to load: rolled back to the old driver, the switch fails.
   rollback = story {
     name = "rollback";

@@ -47,6 +47,7 @@ let
   # A generation whose system profile carries another driver, as a driver bump would.
   withDriver = driver: {
     boot.extraModulePackages = lib.mkForce [ (moduleTree driver) ];
+    hardware.graphics.extraPackages = lib.mkForce [ driver.out ];
     hardware.firmware = lib.mkForce [ driver.firmware ];
     services.nvidiaKmodSwap.nvidiaPackage = lib.mkForce driver;
     systemd.services.nvidia-persistenced.serviceConfig = lib.mapAttrs (_: lib.mkForce) (
@@ -89,7 +90,16 @@ in
     }
     // persistencedUnit drivers.old;
   };
-  environment.systemPackages = [ pkgs.kmod ]; # modinfo, for the stories' checks
+  # nvidia.nix's Common block: the driver's libraries in /run/opengl-driver (graphics.nix's real
+  # tmpfiles rule), where programs built with addDriverRunpath find them.
+  hardware.graphics = {
+    enable = true;
+    extraPackages = [ drivers.old.out ];
+  };
+  environment.systemPackages = [
+    pkgs.kmod # modinfo, for the stories' checks
+    drivers.old.client # gpu-client: a GPU program started while a swap waits (issue 23)
+  ];
   # A GPU user for the busy-GPU story; not started at boot.
   systemd.services.cuda-job.serviceConfig.ExecStart =
     "${pkgs.bash}/bin/bash -c 'exec 3<>/dev/nvidia0; exec sleep infinity'";
