@@ -6,6 +6,7 @@
   callPackage,
   runCommand,
   kmod,
+  systemd,
 }:
 
 let
@@ -63,11 +64,13 @@ python3Packages.buildPythonApplication {
   ];
 
   # kmod: the tests index fake module trees with the real depmod, whose modules.dep.bin the
-  # helper reads; pyelftools: the reference for the helper's ELF reader.
+  # helper reads; pyelftools: the reference for the helper's ELF reader; systemd: the driver
+  # links' tests apply the pin with the real systemd-tmpfiles (--root, a fake tree).
   nativeCheckInputs = [
     python3Packages.pytestCheckHook
     python3Packages.pyelftools
     kmod
+    systemd
   ];
   enabledTestPaths = [ "../tests/unit" ];
   pythonImportsCheck = [ "nvidia_kmod_swap" ];

@@ -16,12 +16,13 @@ import os
 import shutil
 import stat
 import struct
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from nvidia_kmod_swap.cli import main  # noqa: E402
 from nvidia_kmod_swap.config import Config, parse  # noqa: E402
-from nvidia_kmod_swap.effects import KmodError, SystemEffects  # noqa: E402
+from nvidia_kmod_swap.effects import EffectError, KmodError, SystemEffects  # noqa: E402
 from nvidia_kmod_swap.journal import Reporter  # noqa: E402
 from nvidia_kmod_swap.modinfo import read_modinfo  # noqa: E402
 from nvidia_kmod_swap.paths import Root  # noqa: E402
@@ -459,7 +460,11 @@ class FakeEffects:
 
     def apply_tmpfiles(self, paths: list[str]) -> None:
         self.tmpfiles_calls.append(list(paths))
-        SystemEffects(self.system.root).apply_tmpfiles(paths)
+        tool = shutil.which("systemd-tmpfiles")  # the Nix build's (nativeCheckInputs), or the host's
+        argv = [tool or "systemd-tmpfiles", f"--root={self.system.base}", "--create", *(f"--prefix={p}" for p in paths)]
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        if proc.returncode not in (0, 65):
+            raise EffectError(f"systemd-tmpfiles: {proc.stderr.strip()}")
 
     def set_link(self, path: str, target: str | None) -> None:
         SystemEffects(self.system.root).set_link(path, target)

@@ -70,10 +70,11 @@ class Pin(NamedTuple):
         return "\n".join(lines) + "\n"
 
 
-def matches(root: Root, environment: str, version: str) -> bool:
-    """ENVIRONMENT holds the libraries of VERSION: nvidia_x11's builder.sh installs every library as
-    lib/<name>.so.<version> in `out`, which graphics.nix's buildEnv links."""
-    return os.path.exists(root(environment) / "lib" / f"libnvidia-ml.so.{version}")
+def matches(environment: str, version: str) -> bool:
+    """ENVIRONMENT (a store path, read as the module files are) holds the libraries of VERSION:
+    nvidia_x11's builder.sh installs every library as lib/<name>.so.<version> in `out`, which
+    graphics.nix's buildEnv links."""
+    return os.path.exists(os.path.join(environment, "lib", f"libnvidia-ml.so.{version}"))
 
 
 def graphics_rules(text: str) -> tuple[tuple[str, str], ...]:
@@ -173,7 +174,7 @@ def current(root: Root, config: Config) -> Pin:
     """The pin as things are: the loaded version from sysfs, the environments checked on disk."""
     loaded = read_snapshot(root).version(CORE)
     found = candidates(root, config, loaded) if loaded and loaded != config.driver_version else []
-    pin = decide(config.driver_version, loaded, this_generation(config), found, lambda env, v: matches(root, env, v))
+    pin = decide(config.driver_version, loaded, this_generation(config), found, matches)
     if pin.nvidia_smi and not bin_output(pin.nvidia_smi):
         pin = pin._replace(nvidia_smi=None)
     return pin

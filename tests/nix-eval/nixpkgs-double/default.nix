@@ -248,6 +248,7 @@ let
       debootstrap = drv { name = "debootstrap-1.0.141"; };
       jq = drv { name = "jq-1.8.0"; };
       kmod = drv { name = "kmod-34.2"; };
+      systemd = drv { name = "systemd-258.1"; };
       bash = drv { name = "bash-5.3"; };
       coreutils = drv { name = "coreutils-9.7"; };
     };
