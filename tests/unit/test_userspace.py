@@ -178,3 +178,23 @@ def test_the_no_op_path_hands_a_pinned_machine_to_the_full_path(system, store, m
     assert noop(args) is None  # a pin left from before the swap: the full path removes it
     assert swapper(system, config).run() == EXIT_OK
     assert not system.root(PIN_RULES).exists() and link(system) == envs[NEW]
+
+
+def test_a_swap_waiting_for_a_new_kernel_pins_both_links(system, store, machine):
+    """A kernel bump defers the swap to the reboot; until then both links (enable32Bit) follow
+    the loaded driver."""
+    trees, envs, _ = machine
+    env32 = {OLD: environment(store, OLD + "-32"), NEW: environment(store, NEW + "-32")}
+    for version in (OLD, NEW):  # the 32-bit environment holds the same version's libraries
+        (store / env32[version].rsplit("/", 1)[1] / "lib" / f"libnvidia-ml.so.{version}").write_text("fake\n")
+    for where, version in (("/run/booted-system/etc/tmpfiles.d", OLD), ("/etc/tmpfiles.d", NEW)):
+        system.root(where + "/graphics-driver.conf").write_text(
+            f"'L+' '{LINK}' '-' '-' '-' '-' {envs[version]}\n"
+            f"'L+' '/run/opengl-driver-32' '-' '-' '-' '-' {env32[version]}\n")
+    tmpfiles(system)
+    config = parse(make_config(store, [trees[1]], [trees[0]], kernel_release="6.18.1",
+                               driver_links={LINK: envs[NEW], "/run/opengl-driver-32": env32[NEW]}))
+    system.load_driver(OLD)
+    assert swapper(system, config).run() == EXIT_DEFERRED
+    assert link(system) == envs[OLD]
+    assert str(system.root("/run/opengl-driver-32").readlink()) == env32[OLD]
