@@ -188,36 +188,31 @@ def _check(root: Root, config: Config, reporter: Reporter) -> int:
 
 
 def _swap(root: Root, config: Config, reporter: Reporter, effects: Effects | None, retry: bool = False) -> int:
-    from .state import StateError
-    from .swap import EXIT_REFUSED, Refused, Swapper
-
-    if effects is None:
-        if not root.is_live:
-            reporter.event("refused", f"swap with --root {root.base} changes no kernel; tests pass fake effects", "err")
-            return EXIT_REFUSED
-        from .effects import SystemEffects
-
-        effects = SystemEffects(root)
-    try:
-        return Swapper(root, config, effects, reporter, retry=retry).run()
-    except (Refused, StateError) as e:
-        reporter.event("refused", f"refused: {e}", "err", reason=str(e))
-        return EXIT_REFUSED
+    return _swapper(root, config, reporter, effects, "swap", retry)
 
 
 def _pin(root: Root, config: Config, reporter: Reporter, effects: Effects | None) -> int:
+    return _swapper(root, config, reporter, effects, "pin")
+
+
+def _swapper(root: Root, config: Config, reporter: Reporter, effects: Effects | None, command: str,
+             retry: bool = False) -> int:
+    """`swap` or `pin` through a Swapper: the live system's effects (a --root other than / changes
+    nothing: tests pass fake effects), a refusal reported once."""
     from .state import StateError
     from .swap import EXIT_REFUSED, Refused, Swapper
 
     if effects is None:
         if not root.is_live:
-            reporter.event("refused", f"pin with --root {root.base} changes nothing; tests pass fake effects", "err")
+            reporter.event("refused", f"{command} with --root {root.base} changes nothing; tests pass fake effects",
+                           "err")
             return EXIT_REFUSED
         from .effects import SystemEffects
 
         effects = SystemEffects(root)
     try:
-        return Swapper(root, config, effects, reporter).pin()
+        swapper = Swapper(root, config, effects, reporter, retry=retry)
+        return swapper.pin() if command == "pin" else swapper.run()
     except (Refused, StateError) as e:
         reporter.event("refused", f"refused: {e}", "err", reason=str(e))
         return EXIT_REFUSED

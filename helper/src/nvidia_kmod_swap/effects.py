@@ -102,6 +102,18 @@ def _tool(candidates: tuple[str, ...], name: str) -> str:
     raise EffectError(f"no {name} binary found (looked at {', '.join(candidates)})")
 
 
+def _replace_file(path: Path, text: str | None) -> None:
+    """PATH holds TEXT afterwards, replaced in one rename (a reader sees the old file or the new
+    one), or is gone for None."""
+    if text is None:
+        path.unlink(missing_ok=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 class SystemEffects:
     """The live system. ROOT prefixes the paths of device nodes, uevents and GC roots."""
 
@@ -195,14 +207,7 @@ class SystemEffects:
 
     def route_by_name(self, text: str | None) -> None:
         """BY_NAME_RULES holds TEXT afterwards (replaced in one rename), or is gone for None."""
-        path = self.root(BY_NAME_RULES)
-        if text is None:
-            path.unlink(missing_ok=True)
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        _replace_file(self.root(BY_NAME_RULES), text)
 
     # -- firmware ----------------------------------------------------------------------------------
     def set_firmware_path(self, path: str) -> None:
@@ -244,14 +249,7 @@ class SystemEffects:
     # -- the driver links (userspace.py) -----------------------------------------------------------
     def set_pin_rules(self, text: str | None) -> None:
         """PIN_RULES holds TEXT afterwards (replaced in one rename), or is gone for None."""
-        path = self.root(PIN_RULES)
-        if text is None:
-            path.unlink(missing_ok=True)
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        _replace_file(self.root(PIN_RULES), text)
 
     def apply_tmpfiles(self, paths: list[str]) -> None:
         """systemd-tmpfiles --create for PATHS only: whichever rule wins for each (the pin's, or the
