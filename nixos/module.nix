@@ -99,6 +99,15 @@ let
     ) graphicsRules
   );
 
+  moduleDirs = [ "${config.system.modulesTree}/lib/modules/${release}" ] ++ cfg.extraModuleDirs;
+  # The facts of the driver's module files (version, srcversion, vermagic, depends), computed once
+  # here from the immutable store paths, so that activation reads no module file: a real
+  # nvidia.ko.xz is 42 MB of xz (docs/performance.md). The helper reads a file these do not cover.
+  moduleFacts = pkgs.runCommand "nvidia-kmod-swap-module-facts" { } ''
+    ${lib.getExe cfg.package} facts ${lib.escapeShellArgs moduleDirs} \
+      ${lib.concatMapStringsSep " " (d: "--every ${lib.escapeShellArg d}") cfg.extraModuleDirs} > $out
+  '';
+
   settings = {
     driver_version = cfg.nvidiaPackage.version;
     kernel_release = release;
@@ -106,7 +115,8 @@ let
     # (nixos/modules/system/boot/kernel.nix: the kernel's modules ++ boot.extraModulePackages,
     # merged by aggregateModules), whatever hardware.nvidia put there (`mod`, `open`, or `bin`
     # before 2026) or the user overrode. The helper looks modules up in it by name.
-    module_dirs = [ "${config.system.modulesTree}/lib/modules/${release}" ] ++ cfg.extraModuleDirs;
+    module_dirs = moduleDirs;
+    module_facts = [ "${moduleFacts}" ];
     inherit modules;
     # What the running system booted with; the helper also remembers what it loaded itself.
     rollback_dirs = [ "/run/booted-system/kernel-modules/lib/modules/${release}" ];

@@ -815,6 +815,12 @@ in
           got = desktop.nvidia_smi;
           want = "${driver.bin}/bin/nvidia-smi";
         }
+        {
+          # Issue 24: the module files' facts, computed at build time (`nvidia-kmod-swap facts`).
+          what = "module facts";
+          got = map (p: lib.hasSuffix "-nvidia-kmod-swap-module-facts" p) desktop.module_facts;
+          want = [ true ];
+        }
       ];
   }
   {

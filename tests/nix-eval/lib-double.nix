@@ -483,6 +483,9 @@ let
     mapAttrsToList = f: attrs: map (n: f n attrs.${n}) (attrNames attrs);
     # lib/strings.nix: concatStrings = builtins.concatStringsSep "".
     concatStrings = concatStringsSep "";
+    concatMapStringsSep =
+      sep: f: list:
+      concatStringsSep sep (map f list);
     filterAttrs =
       pred: set:
       listToAttrs (

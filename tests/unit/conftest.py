@@ -21,7 +21,16 @@ if importlib.util.find_spec("nvidia_kmod_swap") is None:
     sys.path.insert(0, str(HERE.parents[1] / "helper" / "src"))
 
 from fakesys import FakeSystem  # noqa: E402
-from nvidia_kmod_swap import devices  # noqa: E402
+from nvidia_kmod_swap import devices, modinfo  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_facts_between_tests():
+    """modinfo.py remembers module facts per process (a real helper is one run over one config):
+    each test starts with none, and remembers only what it asks for."""
+    modinfo.forget()
+    yield
+    modinfo.forget()
 
 
 @pytest.fixture

@@ -78,6 +78,11 @@ def _parser() -> argparse.ArgumentParser:
                       help="retry a swap that failed before with the same files (not retried otherwise)")
     sub.add_parser("retry-deferred", help="for a timer: finish a deferred swap once the GPU is idle (starts the "
                    "swap unit, then the GPU units)")
+    facts = sub.add_parser("facts", help="for a build: print the facts (version, vermagic, depends, ...) of the "
+                           "driver's module files in DIRs as JSON, so that activation reads none")
+    facts.add_argument("dirs", nargs="*", metavar="DIR", help="module trees: their nvidia* modules and dependencies")
+    facts.add_argument("--every", action="append", default=[], metavar="DIR",
+                       help="a module tree whose every module is included (extra module packages)")
     sub.add_parser("pin", help="for the switch, before systemd-tmpfiles-resetup: point /run/opengl-driver(-32) at "
                    "the loaded driver's libraries while it is not the profile's (undone by the swap and at reboot)")
     return parser
@@ -104,6 +109,8 @@ def main(argv: list[str] | None = None, effects: Effects | None = None) -> int:
     from .paths import Root
 
     args = _unit_args(unit_argv) if unit_argv is not None else _parser().parse_args(argv)
+    if args.command == "facts":
+        return _facts(args.dirs, args.every)
     root = Root(args.root)
 
     reporter = Reporter("stderr" if args.log_target == "stderr" else args.log_target)
@@ -112,6 +119,9 @@ def main(argv: list[str] | None = None, effects: Effects | None = None) -> int:
     except config_mod.ConfigError as e:
         reporter.event("refused", str(e), "err", reason=str(e))
         return EXIT_CONFIG
+    from .facts import keep_facts, learn_facts
+
+    learn_facts(root, config)
     try:
         if args.command == "check":
             return _check(root, config, reporter)
@@ -131,6 +141,19 @@ def main(argv: list[str] | None = None, effects: Effects | None = None) -> int:
         reason = f"{type(e).__name__}: {e} (at {where.filename.rsplit('/', 1)[-1]}:{where.lineno})"
         reporter.event("refused", f"{args.command} failed unexpectedly: {reason}", "crit", reason=reason)
         return EXIT_BROKEN
+    finally:
+        if args.command in ("check", "swap", "retry-deferred"):
+            keep_facts(root, config)  # what this run read of store files, for the next run of this bump
+
+
+def _facts(dirs: list[str], every: list[str]) -> int:
+    import json
+
+    from .facts import module_facts
+
+    json.dump(module_facts(dirs, every), sys.stdout, indent=1)
+    sys.stdout.write("\n")
+    return 0
 
 
 def _pending(root: Root, config: Config) -> bool:

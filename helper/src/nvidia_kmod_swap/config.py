@@ -40,6 +40,9 @@ class Config(NamedTuple):
     # what a pin to this driver points at while a later generation waits for its swap (userspace.py).
     driver_links: tuple[tuple[str, str], ...] | None = None
     nvidia_smi: str | None = None
+    # JSON files of module facts computed at build time (`nvidia-kmod-swap facts`, the NixOS
+    # module's module-facts derivation): the module files they cover are not read at activation.
+    module_facts: tuple[str, ...] = ()
 
 
 def parse(data: object) -> Config:

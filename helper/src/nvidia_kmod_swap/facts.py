@@ -9,12 +9,23 @@ from pathlib import Path
 from . import holders as holders_mod
 from . import params as params_mod
 from .config import Config
-from .modinfo import SUFFIXES, ModInfo, ModuleFileError, ModuleFiles, module_name, read_modinfo
+from .modinfo import (
+    SUFFIXES,
+    ModInfo,
+    ModuleFileError,
+    ModuleFiles,
+    add_facts,
+    facts_entry,
+    module_name,
+    read_facts,
+    read_modinfo,
+    remember_below,
+)
 from .paths import Root
 from .plan import Candidate, Inventory, LoadStep, Plan, foreign_modules, plan_change, refuse_repeat, stale_modules, triage
 from .rules import CORE
 from .snapshot import Snapshot, read_snapshot
-from .state import FAILED_RECORD, LoadedRecord, StateDir
+from .state import FAILED_RECORD, LoadedRecord, StateDir, StateError
 
 
 def candidate(path: Path, top: str = "") -> Candidate:
@@ -155,3 +166,75 @@ def make_plan(root: Root, config: Config, snapshot: Snapshot | None = None, retr
         return plan
     failed = state.failed()
     return refuse_repeat(plan, failed.as_failure() if failed else None, str(root(config.state_dir) / FAILED_RECORD))
+
+
+FACTS_CACHE = "module-facts.json"  # in the state dir: what this boot's runs read of store files
+BOOTED_CONFIG = "/run/booted-system/etc/nvidia-kmod-swap/config.json"
+
+
+def learn_facts(root: Root, config: Config) -> None:
+    """What is known of module files before any is read: this generation's build-time facts, the
+    booted generation's, and what earlier runs of this boot read (one bump runs `check` for the
+    swap unit and every GPU unit, then `swap`: each store file is read once at most)."""
+    import json
+
+    remember_below(config.allowed_prefixes)
+    sources = [Path(p) for p in config.module_facts]
+    try:
+        booted = json.loads(root(BOOTED_CONFIG).read_bytes())
+        if isinstance(booted, dict) and isinstance(booted.get("module_facts"), list):
+            sources += [Path(p) for p in booted["module_facts"] if isinstance(p, str) and p.startswith("/")]
+    except (OSError, ValueError):
+        pass
+    for source in sources:
+        try:
+            add_facts(json.loads(source.read_bytes()))
+        except (OSError, ValueError):
+            continue  # a file it cannot read: the modules are read instead
+    try:
+        cached = StateDir(root(config.state_dir)).read(FACTS_CACHE)
+    except StateError:
+        cached = None
+    add_facts(cached)
+
+
+def keep_facts(root: Root, config: Config) -> None:
+    """This run's reads of store files, added to the state directory's cache (best effort)."""
+    new = read_facts()
+    if not new:
+        return
+    state = StateDir(root(config.state_dir))
+    try:
+        cached = state.read(FACTS_CACHE)
+        merged = {**(cached if isinstance(cached, dict) else {}), **new}
+        state.ensure()
+        state.write(FACTS_CACHE, merged)
+    except (OSError, StateError):
+        pass
+
+
+def module_facts(dirs: Iterable[str], every: Iterable[str] = ()) -> dict[str, dict[str, object]]:
+    """`nvidia-kmod-swap facts`: the facts of the driver's module files in DIRS (nvidia* and,
+    transitively, their dependencies found there) and of every module in EVERY, keyed by resolved
+    path. Run at build time over a generation's module trees; a file that cannot be read is left
+    out (the helper then reads it, and says what is wrong with it)."""
+    files = ModuleFiles(list(dirs))
+    names = [n for n in files.names() if n.startswith("nvidia")]
+    extra = ModuleFiles(list(every))
+    out: dict[str, dict[str, object]] = {}
+    seen: set[str] = set()
+    todo = list(names) + extra.names()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for _top, path in files.get_with_dirs(name) + extra.get_with_dirs(name):
+            try:
+                info = read_modinfo(path)
+                resolved = os.path.realpath(path)
+                out[resolved] = facts_entry(info, os.stat(resolved).st_size)
+            except (OSError, ModuleFileError):
+                continue
+            todo.extend(info.depends)
+    return dict(sorted(out.items()))

@@ -10,7 +10,7 @@ import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 SUFFIXES = (".ko", ".ko.xz", ".ko.zst")
 
@@ -132,11 +132,79 @@ def parse_modinfo(section: bytes) -> dict[str, list[str]]:
     return fields
 
 
+# What is known of module files without reading them: facts computed at build time (the NixOS
+# module's module-facts derivation, `nvidia-kmod-swap facts`), or read earlier in this boot (the
+# state directory's cache), or earlier in this process. Keyed by the resolved path and the file's
+# size: store paths never change, and a size that differs means another file. A real nvidia.ko.xz
+# is 42 MB of xz to decompress for a few hundred bytes of .modinfo (docs/performance.md).
+# Only files below IMMUTABLE (the config's allowed_prefixes: the Nix store) are remembered; any
+# other file is read every time.
+_KNOWN: dict[tuple[str, int], tuple[str, str | None, str, tuple[str, ...], str | None]] = {}
+_READ: set[tuple[str, int]] = set()  # what this process read itself (worth keeping for the next)
+_IMMUTABLE: list[tuple[str, ...]] = [("/nix/store/",)]
+
+
+def remember_below(prefixes: tuple[str, ...]) -> None:
+    """Facts are kept and used for files below PREFIXES only (store paths, which never change)."""
+    _IMMUTABLE[0] = tuple(prefixes)
+
+
+def forget() -> None:
+    """Drops every fact (tests: one process, many trees)."""
+    _KNOWN.clear()
+    _READ.clear()
+    _IMMUTABLE[0] = ("/nix/store/",)
+
+
+def facts_entry(info: ModInfo, size: int) -> dict[str, object]:
+    """A module file's facts as `nvidia-kmod-swap facts` writes them (keyed by its resolved path)."""
+    return {"size": size, "name": info.name, "version": info.version, "vermagic": info.vermagic,
+            "depends": list(info.depends), "srcversion": info.srcversion}
+
+
+def add_facts(entries: object) -> int:
+    """Registers facts (resolved path -> facts_entry); returns how many were taken. Entries that
+    are not well-formed are skipped: a file is then read, not guessed."""
+    taken = 0
+    if not isinstance(entries, dict):
+        return 0
+    for path, e in entries.items():
+        if (isinstance(path, str) and isinstance(e, dict) and isinstance(e.get("size"), int)
+                and isinstance(e.get("name"), str) and isinstance(e.get("vermagic"), str) and e["vermagic"]
+                and isinstance(e.get("depends"), list) and all(isinstance(d, str) for d in e["depends"])
+                and isinstance(e.get("version"), (str, type(None)))
+                and isinstance(e.get("srcversion"), (str, type(None)))):
+            _KNOWN[(path, e["size"])] = (e["name"], e["version"], e["vermagic"], tuple(e["depends"]), e["srcversion"])
+            taken += 1
+    return taken
+
+
+def read_facts() -> dict[str, dict[str, object]]:
+    """The facts this process read from module files itself, for the state directory's cache."""
+    return {path: facts_entry(ModInfo(Path(path), *_KNOWN[(path, size)]), size) for path, size in sorted(_READ)}
+
+
 def read_modinfo(path: Path) -> ModInfo:
     try:
-        if path.name.endswith(COMPRESSED):  # decompressed whole, as kmod does
-            elf = read_bytes(path)
-            section = _modinfo_section(lambda offset, length: elf[offset: offset + length], len(elf), path)
+        resolved = os.path.realpath(path)
+        size = os.stat(resolved).st_size
+    except OSError as e:
+        raise ModuleFileError(f"{path}: {e.strerror}") from e
+    if not resolved.startswith(_IMMUTABLE[0]):
+        return _read_modinfo(path)
+    known = _KNOWN.get((resolved, size))
+    if known is not None:
+        return ModInfo(path, *known)
+    info = _read_modinfo(path)
+    _KNOWN[(resolved, size)] = info[1:]
+    _READ.add((resolved, size))
+    return info
+
+
+def _read_modinfo(path: Path) -> ModInfo:
+    try:
+        if path.name.endswith(COMPRESSED):
+            section = _stream_modinfo(path)
         else:
             with open(path, "rb") as f:
                 fd = f.fileno()
@@ -156,6 +224,133 @@ def read_modinfo(path: Path) -> ModInfo:
         depends=depends,
         srcversion=_first(fields, "srcversion"),
     )
+
+
+_CHUNK = 1 << 20  # decompressed bytes per step of a stream
+
+
+class _Stream:
+    """PATH's decompressed bytes, a bounded piece at a time (xz: max_length; zstd: what one input
+    chunk gives)."""
+
+    def __init__(self, path: Path) -> None:
+        import lzma
+
+        self.file = open(path, "rb")  # noqa: SIM115 (closed by close())
+        self.xz: lzma.LZMADecompressor | None = None
+        self.zst: Any = None
+        if path.name.endswith(".xz"):
+            self.xz = lzma.LZMADecompressor()
+        else:
+            import zstandard
+
+            self.zst = zstandard.ZstdDecompressor().decompressobj()
+        self.done = False
+
+    def read(self) -> bytes:
+        """The next piece; b"" at the end."""
+        while not self.done:
+            if self.xz is not None:
+                data = self.file.read(_CHUNK) if self.xz.needs_input else b""
+                if self.xz.needs_input and not data:
+                    self.done = True
+                    break
+                out = self.xz.decompress(data, max_length=_CHUNK)
+                self.done = self.xz.eof
+            else:
+                data = self.file.read(_CHUNK)
+                if not data:
+                    self.done = True
+                    break
+                out = bytes(self.zst.decompress(data))
+            if out:
+                return out
+        return b""
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _stream(path: Path, ranges: list[tuple[int, int]],
+            grow: Callable[[bytes], list[tuple[int, int]]] | None = None,
+            whole: bool = False) -> tuple[dict[tuple[int, int], bytes], int]:
+    """One pass over PATH's decompressed bytes, keeping only RANGES ((offset, length) each) and, once
+    the first range is complete, those GROW(first range) adds; ends as soon as all are complete
+    (WHOLE: at the end, for the size). Returns them and the decompressed size seen. Memory: the
+    ranges and one piece."""
+    import lzma
+
+    kept = {r: bytearray() for r in ranges}
+    first = ranges[0]
+    position = 0
+    stream = _Stream(path)
+    try:
+        while out := stream.read():
+            end = position + len(out)
+            for (offset, length), buf in kept.items():
+                lo, hi = max(offset + len(buf), position), min(offset + length, end)
+                if lo < hi and offset + len(buf) >= position:
+                    buf += out[lo - position: hi - position]
+            position = end
+            if grow is not None and len(kept[first]) == first[1]:
+                for r in grow(bytes(kept[first])):
+                    # A range that starts before this point was passed: it stays incomplete, which
+                    # the caller's checks refuse.
+                    kept.setdefault(r, bytearray())
+                grow = None
+            if not whole and grow is None and all(len(buf) == r[1] for r, buf in kept.items()):
+                break
+    except lzma.LZMAError as e:
+        raise ModuleFileError(f"{path}: bad xz data: {e}") from e
+    except Exception as e:
+        if type(e).__module__.startswith("zstandard"):
+            raise ModuleFileError(f"{path}: bad zstd data: {e}") from e
+        raise
+    finally:
+        stream.close()
+    return {r: bytes(b) for r, b in kept.items()}, position
+
+
+def _stream_modinfo(path: Path) -> bytes:
+    """.modinfo of a compressed module with bounded memory (kmod decompresses it whole, as this
+    helper did: 208 MB for the real 550 tree's nvidia.ko.xz): one pass for the ELF header and the
+    section table (at the end of a module), one for the section names and every small section
+    (.modinfo among them), a third only when .modinfo is larger than that."""
+
+    def table(header: bytes) -> list[tuple[int, int]]:
+        if header[:4] != b"\x7fELF" or header[4] not in _LAYOUTS or header[5] not in (1, 2):
+            return []
+        offset_format, shoff_at, counts_at, _shdr_format, shdr_size = _LAYOUTS[header[4]]
+        endian = {1: "<", 2: ">"}[header[5]]
+        (shoff,) = struct.unpack_from(endian + offset_format, header, shoff_at)
+        _shentsize, shnum, _shstrndx = struct.unpack_from(endian + "HHH", header, counts_at)
+        return [(shoff, shnum * shdr_size)]
+
+    got, size = _stream(path, [(0, 64)], table, whole=True)
+    header = got[(0, 64)]
+    ranges = table(header) if len(header) == 64 else []
+    if not ranges or len(got.get(ranges[0], b"")) != ranges[0][1]:
+        # Not an ELF object we can stream, or cut short: the whole-file reader says what is wrong.
+        elf = read_bytes(path)
+        return _modinfo_section(lambda offset, length: elf[offset: offset + length], len(elf), path)
+    offset_format, _shoff_at, counts_at, shdr_format, shdr_size = _LAYOUTS[header[4]]
+    endian = {1: "<", 2: ">"}[header[5]]
+    shnum, shstrndx = struct.unpack_from(endian + "HHH", header, counts_at)[1:]
+    entries = got[ranges[0]]
+    sections = [struct.unpack_from(endian + shdr_format, entries, i * shdr_size) for i in range(shnum)]
+    small = {(s[4], s[5]) for s in sections if s[1] != _SHT_NOBITS and 0 < s[5] <= 1 << 16}
+    if 0 < shstrndx < shnum:
+        small.add((sections[shstrndx][4], sections[shstrndx][5]))
+    more, _ = _stream(path, sorted(small | {(0, 64)}))
+    got.update(more)
+    if 0 < shstrndx < shnum:
+        names = got.get((sections[shstrndx][4], sections[shstrndx][5]), b"")
+        for name, stype, _flags, _addr, offset, length in sections:
+            if stype != _SHT_NOBITS and names.find(b".modinfo\0", name) == name and (offset, length) not in got:
+                got.update(_stream(path, [(offset, length)])[0])
+    # The same checks as for an uncompressed file, over what was kept (a range not kept reads as
+    # missing, so a file cut short is refused as such).
+    return _modinfo_section(lambda offset, length: got.get((offset, length), b""), size, path)
 
 
 def _first(fields: dict[str, list[str]], key: str) -> str | None:
@@ -301,6 +496,10 @@ class ModuleFiles:
 
     def get(self, name: str) -> list[Path]:
         return [path for _, path in self.get_with_dirs(name)]
+
+    def names(self) -> list[str]:
+        """Every module name below the directories (walked: for `facts`, at build time)."""
+        return sorted({name for top in self.dirs for name in self._walked(top)})
 
     def get_with_dirs(self, name: str) -> list[tuple[str, Path]]:
         """(module directory, file) for each file of NAME, in the order of the directories."""

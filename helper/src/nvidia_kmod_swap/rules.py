@@ -211,6 +211,7 @@ PARSERS: dict[str, Callable[[str, object], Any]] = {
     "swap_unit": _unit,
     "gpu_units": _units,
     "driver_links": _driver_links,
+    "module_facts": _abs_list,
     "nvidia_smi": lambda k, v: None if v is None else _abs(k, _str(k, v)),
 }
 KEYS = frozenset(PARSERS)

@@ -248,6 +248,10 @@ class StateDir(NamedTuple):
         except OSError as e:
             raise StateError(f"cannot use the state directory {self.path}: {e.strerror}") from e
 
+    def read(self, name: str) -> object | None:
+        """A record's JSON as it is (None when there is none); StateError when it cannot be read."""
+        return self._read(name)
+
     def _read(self, name: str) -> object | None:
         try:
             fd = os.open(self.path / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
