@@ -11,9 +11,10 @@ import tracemalloc
 
 import pytest
 
-from fakesys import NEW, OLD, RELEASE, elf_object, make_config, write_config, write_driver, write_ko
+from fakesys import NEW, OLD, RELEASE, elf_object, make_config, swapper, write_config, write_driver, write_ko
 from nvidia_kmod_swap import modinfo
 from nvidia_kmod_swap.cli import main
+from nvidia_kmod_swap.config import parse
 from nvidia_kmod_swap.facts import module_facts
 
 
@@ -114,3 +115,25 @@ def test_a_compressed_module_is_read_with_bounded_memory(tmp_path):
         tracemalloc.stop()
     assert (info.name, info.version, info.depends) == ("nvidia", NEW, ("drm",))
     assert peak < 16 << 20, f"peak {peak >> 20} MiB for a 64 MiB module"
+
+
+def test_an_option_the_new_module_does_not_declare_is_said(system, store, tmp_path, capsys):
+    """Issue 24: the kernel loads a module with an unknown option and only logs it (kernel/params.c
+    "unknown parameter ... ignored"): the plan and the journal say it instead of letting a typo pass."""
+    old, new = write_driver(store, OLD), write_driver(store, NEW)
+    drm = next(new.rglob("nvidia-drm.ko"))
+    drm.write_bytes(elf_object({"name": "nvidia_drm", "version": NEW, "depends": "nvidia_modeset",
+                                "vermagic": f"{RELEASE} SMP preempt mod_unload modversions ",
+                                "parmtype": "modeset:bool"}))
+    system.root("/etc/modprobe.d/nvidia.conf").write_text("options nvidia_drm modeset=1 fbdev=1\n")
+    system.load_driver(OLD)
+    config = write_config(tmp_path / "config.json", make_config(store, [new], [old]))
+    argv = ["--root", str(system.base), "--config", str(config), "--log-target", "stderr"]
+    assert main([*argv, "plan", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["notes"] == [f"nvidia_drm {NEW} declares no parameter fbdev=1 (from modprobe.d or the kernel "
+                             "command line): the kernel ignores it"], plan["notes"]
+    assert main([*argv, "plan"]) == 0
+    assert "note:   nvidia_drm" in capsys.readouterr().out
+    assert swapper(system, parse(json.loads(config.read_text()))).run() == 0
+    assert "declares no parameter fbdev=1" in capsys.readouterr().err

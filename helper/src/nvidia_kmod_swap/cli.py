@@ -364,6 +364,8 @@ def _plan(root: Root, config: Config, as_json: bool) -> int:
         print(f"holder: {holder.describe()}")
     if plan.stop_units:
         print("stop:   " + " ".join(plan.stop_units))
+    for note in plan.notes:
+        print(f"note:   {note}")
     _print_userspace(_userspace(root, config))
     return 0
 

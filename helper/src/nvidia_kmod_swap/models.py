@@ -72,6 +72,7 @@ class Plan(NamedTuple):
     stop_units: tuple[str, ...] = ()
     direction: Direction = ""  # install, upgrade, downgrade (a rollback generation) or "" (no change)
     waits_for: WaitsFor = ""  # what a deferral waits for: the GPU's users, or a new kernel
+    notes: tuple[str, ...] = ()  # what the swap does not stop for but says (an option no module declares)
 
     @property
     def changes_kernel(self) -> bool:

@@ -28,6 +28,9 @@ class ModInfo(NamedTuple):
     vermagic: str
     depends: tuple[str, ...]
     srcversion: str | None
+    # The parameters it declares (its `parmtype=` lines; None: not known): an option that is not
+    # among them is ignored by the kernel with only a log line, a typo gone unseen.
+    params: tuple[str, ...] | None = None
 
     @property
     def kernel_release(self) -> str:
@@ -139,7 +142,7 @@ def parse_modinfo(section: bytes) -> dict[str, list[str]]:
 # is 42 MB of xz to decompress for a few hundred bytes of .modinfo (docs/performance.md).
 # Only files below IMMUTABLE (the config's allowed_prefixes: the Nix store) are remembered; any
 # other file is read every time.
-_KNOWN: dict[tuple[str, int], tuple[str, str | None, str, tuple[str, ...], str | None]] = {}
+_KNOWN: dict[tuple[str, int], tuple[str, str | None, str, tuple[str, ...], str | None, tuple[str, ...] | None]] = {}
 _READ: set[tuple[str, int]] = set()  # what this process read itself (worth keeping for the next)
 _IMMUTABLE: list[tuple[str, ...]] = [("/nix/store/",)]
 
@@ -159,7 +162,8 @@ def forget() -> None:
 def facts_entry(info: ModInfo, size: int) -> dict[str, object]:
     """A module file's facts as `nvidia-kmod-swap facts` writes them (keyed by its resolved path)."""
     return {"size": size, "name": info.name, "version": info.version, "vermagic": info.vermagic,
-            "depends": list(info.depends), "srcversion": info.srcversion}
+            "depends": list(info.depends), "srcversion": info.srcversion,
+            "params": None if info.params is None else list(info.params)}
 
 
 def add_facts(entries: object) -> int:
@@ -174,7 +178,10 @@ def add_facts(entries: object) -> int:
                 and isinstance(e.get("depends"), list) and all(isinstance(d, str) for d in e["depends"])
                 and isinstance(e.get("version"), (str, type(None)))
                 and isinstance(e.get("srcversion"), (str, type(None)))):
-            _KNOWN[(path, e["size"])] = (e["name"], e["version"], e["vermagic"], tuple(e["depends"]), e["srcversion"])
+            params = e.get("params")
+            declared = tuple(params) if isinstance(params, list) and all(isinstance(x, str) for x in params) else None
+            _KNOWN[(path, e["size"])] = (e["name"], e["version"], e["vermagic"], tuple(e["depends"]), e["srcversion"],
+                                         declared)
             taken += 1
     return taken
 
@@ -223,6 +230,7 @@ def _read_modinfo(path: Path) -> ModInfo:
         vermagic=vermagic,
         depends=depends,
         srcversion=_first(fields, "srcversion"),
+        params=tuple(dict.fromkeys(p.split(":", 1)[0] for p in fields.get("parmtype", []))),
     )
 
 

@@ -302,6 +302,7 @@ def plan_change(snapshot: Snapshot, config: Config, new: Inventory, old: Invento
         rollback = [LoadStep.of(rollback_infos[n], old_params.get(n, "")) for n in load_order(rollback_infos)]
 
     load = tuple(LoadStep.of(infos[n], params.get(n, "")) for n in load_order(infos))
+    notes = undeclared_options(load, infos)
     unload = tuple(unload_order(snapshot, family))
     loaded = base["loaded_version"]
     how = direction(loaded, config.driver_version)
@@ -323,7 +324,7 @@ def plan_change(snapshot: Snapshot, config: Config, new: Inventory, old: Invento
             if stoppable:
                 return Plan(SWAP, f"{change}, stopping {', '.join(units)} which hold the GPU",
                             unload=unload, load=load, rollback=tuple(rollback), prerequisites=tuple(prerequisites),
-                            holders=tuple(procs), stop_units=tuple(units), direction=how, **base)
+                            holders=tuple(procs), stop_units=tuple(units), direction=how, notes=notes, **base)
             reason = f"cannot {change}: the GPU is in use: {'; '.join(who)}"
             if config.on_busy == "stop-units":
                 outside = sorted({h.unit or f'pid {h.pid}' for h in procs if h.unit not in config.stop_units})
@@ -334,7 +335,24 @@ def plan_change(snapshot: Snapshot, config: Config, new: Inventory, old: Invento
                         direction=how, waits_for="idle", **base)
 
     return Plan(action, change, unload=unload, load=load, rollback=tuple(rollback),
-                prerequisites=tuple(prerequisites), direction=how, **base)
+                prerequisites=tuple(prerequisites), direction=how, notes=notes, **base)
+
+
+def undeclared_options(load: tuple[LoadStep, ...], infos: dict[str, ModInfo]) -> tuple[str, ...]:
+    """The options (modprobe.d, the kernel command line) that a module about to be loaded does not
+    declare: the kernel loads it anyway, logging only "unknown parameter ... ignored"
+    (kernel/params.c), so a typo or an option the new driver dropped would pass unseen."""
+    notes = []
+    for step in load:
+        declared = infos[step.name].params
+        if declared is None or not step.params:
+            continue
+        unknown = [o for o in step.params.split() if o.split("=", 1)[0].replace("-", "_") not in
+                   {d.replace("-", "_") for d in declared}]
+        if unknown:
+            notes.append(f"{step.name} {step.version or ''}".rstrip() + f" declares no parameter {', '.join(unknown)} "
+                         f"(from modprobe.d or the kernel command line): the kernel ignores it")
+    return tuple(notes)
 
 
 class Restore(NamedTuple):

@@ -408,6 +408,8 @@ class Swapper:
             self.reporter.event("plan", f"{plan.reason}: unload {' '.join(plan.unload) or 'nothing'}; "
                                         f"load {' '.join(s.name for s in plan.load)}", "notice",
                                 modules=[s.name for s in plan.load], **fields)
+            for note in plan.notes:
+                self.reporter.event("plan", note, "warning", **fields)
             return self._swap(plan, swap)
 
     def _preflight(self) -> str | None:
