@@ -137,3 +137,18 @@ def test_an_option_the_new_module_does_not_declare_is_said(system, store, tmp_pa
     assert "note:   nvidia_drm" in capsys.readouterr().out
     assert swapper(system, parse(json.loads(config.read_text()))).run() == 0
     assert "declares no parameter fbdev=1" in capsys.readouterr().err
+
+
+def test_the_kernel_log_since_a_load_began(tmp_path):
+    """KernelLog reads /dev/kmsg from its end: one record per read, "prio,seq,time,flags;text"."""
+    from nvidia_kmod_swap.effects import KernelLog
+    from nvidia_kmod_swap.paths import Root
+
+    kmsg = tmp_path / "dev/kmsg"
+    kmsg.parent.mkdir()
+    kmsg.write_text("6,1,100,-;an earlier line\n")
+    log = KernelLog(Root(tmp_path))
+    with kmsg.open("a") as f:
+        f.write("3,2,200,-;NVRM: No NVIDIA GPU found.\n")
+    assert log.since() == ["NVRM: No NVIDIA GPU found."]
+    log.close()

@@ -114,6 +114,41 @@ def _replace_file(path: Path, text: str | None) -> None:
     os.replace(tmp, path)
 
 
+class KernelLog:
+    """The kernel's log from now on (/dev/kmsg, read from its end): what a module's init said."""
+
+    def __init__(self, root: Root) -> None:
+        try:
+            self.fd: int | None = os.open(root("/dev/kmsg"), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            os.lseek(self.fd, 0, os.SEEK_END)
+        except OSError:
+            self.fd = None
+
+    def since(self, most: int = 8) -> list[str]:
+        """The messages logged since (the last MOST), without their "prio,seq,time,flags;" prefix."""
+        said: list[str] = []
+        while self.fd is not None:
+            try:
+                record = os.read(self.fd, 8192)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                if e.errno == errno.EPIPE:  # overwritten while we read: go on with the next
+                    continue
+                break
+            if not record:
+                break
+            text = record.decode(errors="replace").split(";", 1)[-1].split("\n", 1)[0].strip()
+            if text:
+                said.append(text)
+        return said[-most:]
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 class SystemEffects:
     """The live system. ROOT prefixes the paths of device nodes, uevents and GC roots."""
 
@@ -134,6 +169,21 @@ class SystemEffects:
             raise KmodError(op, target, ctypes.get_errno())
 
     def load(self, path: str, params: str) -> None:
+        """Loads PATH; a failure carries what the kernel logged meanwhile (the driver's own words,
+        e.g. "NVRM: No NVIDIA GPU found."), not only errno's."""
+        log = KernelLog(self.root)
+        try:
+            self._load(path, params)
+        except KmodError as e:
+            said = log.since()
+            if not said:
+                raise
+            explained = EXPLAIN.get(e.errno) or os.strerror(e.errno)
+            raise KmodError(e.op, e.target, e.errno, f"{explained}; the kernel logged: {' | '.join(said)}") from e
+        finally:
+            log.close()
+
+    def _load(self, path: str, params: str) -> None:
         opts = ctypes.c_char_p(params.encode(errors="surrogateescape"))
         if path.endswith(COMPRESSED):
             image = read_bytes(Path(path))

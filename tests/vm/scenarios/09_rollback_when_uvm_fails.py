@@ -20,6 +20,8 @@ def test(machine, bed):
     journal = machine.journal("-u nvidia-persistenced")
     assert "rolled back: the NVIDIA driver 580.95.05 is loaded again" in journal, journal[-2000:]
     assert "nvidia-uvm.ko" in journal
+    # The kernel's own words, not only errno's (issue 24): what the module's init logged meanwhile.
+    assert "the kernel logged: NVRM: fake: nvidia-uvm built to fail its init" in journal, journal[-2000:]
     # deploy-rs rolls the profile back; the unit starts against the old driver, untouched.
     bed.switch_driver("old")
     machine.succeed("systemctl reset-failed nvidia-persistenced.service")
