@@ -122,8 +122,8 @@ def test_nothing_loaded_and_kernel_changed_defers(system, store, trees):
 
 
 @pytest.mark.parametrize("breakage, expect", [
-    ("wrong-kernel", "was built for kernel '6.1.0-99-amd64'"),
-    ("wrong-version", "has version '570.144.01'"),
+    ("wrong-kernel", "built for kernel '6.1.0-99-amd64'"),
+    ("wrong-version", "version '570.144.01'"),
     ("corrupt", "cannot use"),
     ("missing-uvm", "nvidia_uvm is needed but no nvidia-uvm.ko"),
     ("not-elf", "not an ELF file"),
@@ -363,3 +363,15 @@ def test_a_malformed_version_is_refused_with_a_clear_message(system, store, tree
     system.change("nvidia", version="570.124.04-custom")
     plan = plan_for(system, store, trees[1], trees[0])
     assert plan.action == "refuse" and "'570.124.04-custom' is not a version number" in plan.reason
+
+
+def test_a_refusal_names_the_tree_once(system, store, trees):
+    """Issue 24: a store path of 120 characters once, not once per module."""
+    old_dir, _ = trees
+    bad = write_driver(store / "bad", NEW, release="6.1.0-99-amd64")
+    system.load_driver(OLD)
+    plan = plan_for(system, store, bad, old_dir, allowed_prefixes=[str(store) + "/"])
+    assert plan.action == "refuse"
+    assert plan.reason.count(str(bad)) == 1, plan.reason
+    assert (f"in {bad / 'misc'}: nvidia.ko, nvidia-drm.ko, nvidia-modeset.ko, nvidia-uvm.ko were built for kernel "
+            "'6.1.0-99-amd64'") in plan.reason, plan.reason

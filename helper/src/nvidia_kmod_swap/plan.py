@@ -13,6 +13,7 @@ reloaded from a build in the module dirs, their own version). Modules outside th
 from __future__ import annotations
 
 import graphlib
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -216,6 +217,26 @@ def check_new_module(name: str, candidates: list[Candidate], config: Config, run
     return info, None
 
 
+def tree_once(problems: list[str]) -> list[str]:
+    """PROBLEMS that begin with a module file's path, grouped by directory and by what is wrong:
+    a store path of 120 characters named once, not once per module ("in DIR: nvidia.ko.xz,
+    nvidia-uvm.ko.xz were built for kernel ..."). Others as they are, each once."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for problem in dict.fromkeys(problems):
+        path, sep, rest = problem.partition(" ")
+        key = (os.path.dirname(path), sep + rest) if path.startswith("/") and sep else ("", problem)
+        groups.setdefault(key, []).append(os.path.basename(path) if key[0] else "")
+    out = []
+    for (directory, rest), names in groups.items():
+        if not directory:
+            out.append(rest)
+            continue
+        if len(names) > 1:
+            rest = rest.replace(" was ", " were ", 1).replace(" has version", " have version", 1)
+        out.append(f"in {directory}: {', '.join(names)}{rest}")
+    return out
+
+
 def find_rollback(name: str, snapshot: Snapshot, candidates: list[Candidate], config: Config) -> ModInfo | None:
     """A file of the module that is loaded now: same version and, where both have one, the same
     srcversion. A file matching only one of them (a stale record, a rebuilt module) is not it."""
@@ -274,7 +295,7 @@ def plan_change(snapshot: Snapshot, config: Config, new: Inventory, old: Invento
         # any other belongs to the running kernel (drm), which loads it by name.
         todo.extend(dep for dep in info.depends if dep not in infos and (ships(dep, new, config) or dep in family))
     if problems:
-        return Plan(REFUSE, "the new driver's modules cannot be loaded: " + "; ".join(dict.fromkeys(problems))
+        return Plan(REFUSE, "the new driver's modules cannot be loaded: " + "; ".join(tree_once(problems))
                     + ". Nothing was unloaded; the loaded driver keeps running", **base)
 
     # Modules the new ones need that belong to the running kernel (drm, drm_kms_helper, ...).

@@ -4,8 +4,8 @@ is unloaded; the old driver still serves."""
 BOOT = {"driver": "old"}
 
 CASES = {
-    "wrong-kernel": "was built for kernel '6.1.0-99-amd64'",
-    "wrong-version": "has version '580.119.02'",
+    "wrong-kernel": "built for kernel '6.1.0-99-amd64'",
+    "wrong-version": "version '580.119.02'",
     "corrupt": "cannot use",
     "no-uvm": "no nvidia-uvm.ko",
 }
