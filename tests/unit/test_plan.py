@@ -375,3 +375,19 @@ def test_a_refusal_names_the_tree_once(system, store, trees):
     assert plan.reason.count(str(bad)) == 1, plan.reason
     assert (f"in {bad / 'misc'}: nvidia.ko, nvidia-drm.ko, nvidia-modeset.ko, nvidia-uvm.ko were built for kernel "
             "'6.1.0-99-amd64'") in plan.reason, plan.reason
+
+
+def test_a_peermem_without_infiniband_is_refused_up_front(system, store, trees):
+    """Issue 24: Debian's 550 nvidia-peermem, built without MLNX_OFED's peer-memory symbols, depends
+    on nothing and fails its init with EINVAL: asked for, it is refused before anything changes,
+    instead of failing (and rolling back) every swap."""
+    old_dir, _ = trees
+    new = write_driver(store / "ib", NEW)
+    write_ko(new / "misc", "nvidia_peermem", NEW, depends=())
+    system.load_driver(OLD)
+    plan = plan_for(system, store, new, old_dir, allowed_prefixes=[str(store) + "/"],
+                    modules=["nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm", "nvidia_peermem"])
+    assert plan.action == "refuse" and plan.unload == ()
+    assert "nvidia-peermem.ko was built without InfiniBand peer-memory support" in plan.reason, plan.reason
+    # Not asked for: the file is there, nothing loads it, the swap goes on.
+    assert plan_for(system, store, new, old_dir, allowed_prefixes=[str(store) + "/"]).action == "swap"

@@ -214,6 +214,13 @@ def check_new_module(name: str, candidates: list[Candidate], config: Config, run
     if is_driver and info.version != config.driver_version:
         return None, (f"{candidate.path} has version {q(info.version)}, but the profile's driver is "
                       f"{config.driver_version}")
+    if name == "nvidia_peermem" and CORE not in info.depends:
+        # NVIDIA's nvidia-peermem.c compiles its peer-memory client, and with it every call into
+        # nvidia, only with MLNX_OFED's ib_register_peer_memory_client; without it the module's
+        # init returns -EINVAL ("module compiled without IB peer memory symbols present").
+        return None, (f"{candidate.path} was built without InfiniBand peer-memory support (it does not use "
+                      f"nvidia): its init fails with EINVAL. Leave nvidia_peermem out of the modules to load "
+                      f"(boot.kernelModules), or build the driver against an InfiniBand stack with peer memory")
     return info, None
 
 
