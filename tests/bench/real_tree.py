@@ -28,6 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "helper/src"))
 sys.path.insert(0, str(REPO / "tests/unit"))
+sys.path.insert(0, str(REPO / "tests/vm"))
 
 from fakesys import OLD, FakeSystem, make_config, write_config, write_driver  # noqa: E402
 from nvidia_kmod_swap.facts import module_facts  # noqa: E402
@@ -63,7 +64,7 @@ def main() -> int:
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args()
     subprocess.run([str(REPO / "tests/real-driver/build")], check=True)
-    import testbed  # noqa: PLC0415 (tests/vm, on the path through real-driver/build's import)
+    import testbed  # noqa: PLC0415
 
     index = json.loads((testbed.CACHE / "real-driver" / testbed.kernel_abi() / "packages.json").read_text())
     base = testbed.CACHE / "real-driver" / testbed.kernel_abi()
@@ -86,10 +87,12 @@ def main() -> int:
         facts_file.write_text(json.dumps(facts))
         configs = {
             "facts": write_config(work / "with.json", make_config(
-                store, [tree], [old], driver_version=real["version"], allowed_prefixes=[str(base) + "/", str(store) + "/"],
+                store, [tree], [old], driver_version=real["version"], kernel_release=index["kernel_release"],
+                allowed_prefixes=[str(base) + "/", str(store) + "/"],
                 module_facts=[str(facts_file)])),
             "streamed": write_config(work / "without.json", make_config(
-                store, [tree], [old], driver_version=real["version"], allowed_prefixes=[str(base) + "/", str(store) + "/"],
+                store, [tree], [old], driver_version=real["version"], kernel_release=index["kernel_release"],
+                allowed_prefixes=[str(base) + "/", str(store) + "/"],
                 state_dir="/run/no-cache")),
         }
         timings: dict[str, dict[str, list[float]]] = {}
@@ -129,7 +132,7 @@ def main() -> int:
                 theirs = modinfo_fields(path)
                 entry = facts.get(os.path.realpath(path))
                 ours = None if entry is None else {
-                    "name": entry["name"], "version": entry["version"], "vermagic": entry["vermagic"],
+                    "name": entry["name"], "version": entry["version"], "vermagic": entry["vermagic"].strip(),
                     "srcversion": entry["srcversion"], "depends": ",".join(entry["depends"]) or None}
                 if theirs["depends"]:
                     theirs["depends"] = theirs["depends"].replace("-", "_")

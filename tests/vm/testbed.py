@@ -40,7 +40,9 @@ MASK = ["apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backup.timer", "e
         "fstrim.timer", "systemd-timesyncd.service", "getty@tty1.service"]
 DEFAULT_MODULES = ["nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm"]
 # In-tree modules of the host's kernel the guest's module tree carries (paths as in modules.dep).
-IN_TREE_MODULES = ["kernel/drivers/gpu/drm/drm.ko"]
+IN_TREE_MODULES = ["kernel/drivers/gpu/drm/drm.ko",
+                   # what Debian's real nvidia-drm and nvidia-modeset depend on (tests/real-driver)
+                   "kernel/drivers/gpu/drm/drm_kms_helper.ko", "kernel/drivers/acpi/video.ko"]
 # GPU units of a crowded host (issue 11): unit -> what it stands for. The NixOS module wires the real
 # ones (nvidia-container-toolkit-cdi-generator, nvidia-powerd, nvidia-fabricmanager, the user's).
 GPU_UNITS = {"gpu-cdi-generator.service": "CDI generator (nvidia-ctk cdi generate: NVML)",
@@ -151,6 +153,7 @@ class Boot:
     gpu_units: bool = False             # the GPU units of GPU_UNITS, enabled and wired
     retry_timer: bool = False           # nvidia-kmod-swap-retry.timer enabled (NixOS always has it)
     cdi: bool = False                   # nvidia-container-toolkit's CDI generator, wired as a GPU unit
+    real: tuple[str, ...] = ()          # Debian's real NVIDIA modules to carry (tests/real-driver: "real-550", ...)
     memory_mib: int = 2048
 
 
@@ -191,7 +194,20 @@ class Overlay:
                   "#!/usr/bin/python3\nimport sys\nfrom nvidia_kmod_swap.cli import main\nsys.exit(main())\n", 0o755)
         # The driver packages, under /nix/store as on NixOS.
         shutil.copytree(self.packages_dir / "nix", root / "nix", symlinks=True)
-        self._put(root, "/etc/testbed/packages.json", json.dumps(self.index, indent=2))
+        index = self.index
+        if boot.real:
+            # Debian's real modules (tests/real-driver/build), as switch-driver packages: no
+            # userspace or firmware of theirs (the machine has no NVIDIA GPU; their init fails).
+            real_dir = CACHE / "real-driver" / self.abi
+            subprocess.run([str(REPO / "tests/real-driver/build")], check=True)
+            real = json.loads((real_dir / "packages.json").read_text())["packages"]
+            index = {**self.index, "packages": dict(self.index["packages"])}
+            for label in boot.real:
+                package = real[label]
+                shutil.copytree(real_dir / package["path"].lstrip("/"), root / package["path"].lstrip("/"))
+                index["packages"][label] = {**package, "firmware_dir": f"{package['path']}/lib/firmware",
+                                            "lib_dir": f"{package['path']}/lib"}
+        self._put(root, "/etc/testbed/packages.json", json.dumps(index, indent=2))
         # Guest plumbing.
         self._put(root, "/usr/local/lib/testbed/backdoor.py", (GUEST / "backdoor.py").read_text(), 0o755)
         self._put(root, "/etc/systemd/system/backdoor.service", (GUEST / "backdoor.service").read_text())
@@ -578,4 +594,8 @@ class Testbed:
             raise
         finally:
             initrd.unlink(missing_ok=True)  # the guest has it in memory now
-        return machine, Bed(machine, self.index["packages"], boot)
+        packages = dict(self.index["packages"])
+        if boot.real:
+            real = json.loads((CACHE / "real-driver" / self.abi / "packages.json").read_text())["packages"]
+            packages.update({label: real[label] for label in boot.real})
+        return machine, Bed(machine, packages, boot)

@@ -319,46 +319,92 @@ def _stream(path: Path, ranges: list[tuple[int, int]],
     return {r: bytes(b) for r, b in kept.items()}, position
 
 
+_WINDOW = 1 << 16  # kept around "vermagic=" in the first pass: .modinfo is a few hundred bytes
+_TAIL = 1 << 19  # kept at the end: the section table and, before it, the section names
+
+
+def _checked(path: Path, read: Callable[[], bytes], xz_error: type[Exception]) -> bytes:
+    """READ(), with a decompressor's error as the ModuleFileError it is."""
+    try:
+        return read()
+    except xz_error as e:
+        raise ModuleFileError(f"{path}: bad xz data: {e}") from e
+    except Exception as e:
+        if type(e).__module__.startswith("zstandard"):
+            raise ModuleFileError(f"{path}: bad zstd data: {e}") from e
+        raise
+
+
+def _first_pass(path: Path) -> tuple[list[tuple[int, bytes]], int]:
+    """One pass over PATH's decompressed bytes keeping, besides the ELF header, a window around the
+    first "vermagic=" (where .modinfo is) and the last _TAIL bytes (a module's section names and
+    section table end it): what is needed, in the usual layout, without a second pass. Returns
+    the kept spans ((offset, bytes)) and the size."""
+    import lzma
+
+    stream = _Stream(path)
+    position = 0
+    previous = b""
+    header = b""
+    window: bytearray | None = None
+    window_start = window_end = 0
+    tail = b""
+    try:
+        while out := _checked(path, stream.read, lzma.LZMAError):
+            end = position + len(out)
+            if len(header) < 64:
+                header += out[: 64 - len(header)]
+            if window is None:
+                joined = previous + out
+                at = joined.find(b"vermagic=")
+                if at >= 0:
+                    base = position - len(previous)
+                    window_start = max(base, base + at - _WINDOW)
+                    window_end = base + at + _WINDOW
+                    window = bytearray(joined[window_start - base: window_end - base])
+            elif len(window) < window_end - window_start:
+                window += out[: window_end - window_start - len(window)]
+            previous = out
+            tail = (tail + out)[-_TAIL:]
+            position = end
+    finally:
+        stream.close()
+    spans = [(0, header), (position - len(tail), tail)]
+    if window is not None:
+        spans.append((window_start, bytes(window)))
+    return spans, position
+
+
 def _stream_modinfo(path: Path) -> bytes:
     """.modinfo of a compressed module with bounded memory (kmod decompresses it whole, as this
-    helper did: 208 MB for the real 550 tree's nvidia.ko.xz): one pass for the ELF header and the
-    section table (at the end of a module), one for the section names and every small section
-    (.modinfo among them), a third only when .modinfo is larger than that."""
+    helper did: 208 MB for the real 550 tree's nvidia.ko.xz): one pass keeping the ELF header, the
+    window where .modinfo is and the end (section names and table); a second pass only for what a
+    module laid out otherwise keeps elsewhere."""
+    spans, size = _first_pass(path)
+    extra: dict[tuple[int, int], bytes] = {}
 
-    def table(header: bytes) -> list[tuple[int, int]]:
-        if header[:4] != b"\x7fELF" or header[4] not in _LAYOUTS or header[5] not in (1, 2):
-            return []
-        offset_format, shoff_at, counts_at, _shdr_format, shdr_size = _LAYOUTS[header[4]]
-        endian = {1: "<", 2: ">"}[header[5]]
-        (shoff,) = struct.unpack_from(endian + offset_format, header, shoff_at)
-        _shentsize, shnum, _shstrndx = struct.unpack_from(endian + "HHH", header, counts_at)
-        return [(shoff, shnum * shdr_size)]
+    def read(offset: int, length: int) -> bytes:
+        if (offset, length) in extra:
+            return extra[(offset, length)]
+        for start, data in spans:
+            if start <= offset and offset + length <= start + len(data):
+                return data[offset - start: offset - start + length]
+        raise _Missing(offset, length)
 
-    got, size = _stream(path, [(0, 64)], table, whole=True)
-    header = got[(0, 64)]
-    ranges = table(header) if len(header) == 64 else []
-    if not ranges or len(got.get(ranges[0], b"")) != ranges[0][1]:
-        # Not an ELF object we can stream, or cut short: the whole-file reader says what is wrong.
-        elf = read_bytes(path)
-        return _modinfo_section(lambda offset, length: elf[offset: offset + length], len(elf), path)
-    offset_format, _shoff_at, counts_at, shdr_format, shdr_size = _LAYOUTS[header[4]]
-    endian = {1: "<", 2: ">"}[header[5]]
-    shnum, shstrndx = struct.unpack_from(endian + "HHH", header, counts_at)[1:]
-    entries = got[ranges[0]]
-    sections = [struct.unpack_from(endian + shdr_format, entries, i * shdr_size) for i in range(shnum)]
-    small = {(s[4], s[5]) for s in sections if s[1] != _SHT_NOBITS and 0 < s[5] <= 1 << 16}
-    if 0 < shstrndx < shnum:
-        small.add((sections[shstrndx][4], sections[shstrndx][5]))
-    more, _ = _stream(path, sorted(small | {(0, 64)}))
-    got.update(more)
-    if 0 < shstrndx < shnum:
-        names = got.get((sections[shstrndx][4], sections[shstrndx][5]), b"")
-        for name, stype, _flags, _addr, offset, length in sections:
-            if stype != _SHT_NOBITS and names.find(b".modinfo\0", name) == name and (offset, length) not in got:
-                got.update(_stream(path, [(offset, length)])[0])
-    # The same checks as for an uncompressed file, over what was kept (a range not kept reads as
-    # missing, so a file cut short is refused as such).
-    return _modinfo_section(lambda offset, length: got.get((offset, length), b""), size, path)
+    for _ in range(4):  # header -> table -> names -> .modinfo: each may be missing once
+        try:
+            return _modinfo_section(read, size, path)
+        except _Missing as missing:
+            extra.update(_stream(path, [(missing.offset, missing.length)])[0])
+    return _modinfo_section(read, size, path)
+
+
+class _Missing(Exception):
+    """A range the first pass did not keep."""
+
+    def __init__(self, offset: int, length: int) -> None:
+        super().__init__(offset, length)
+        self.offset, self.length = offset, length
 
 
 def _first(fields: dict[str, list[str]], key: str) -> str | None:

@@ -1,0 +1,33 @@
+"""Issue 24: Debian's real NVIDIA driver (nvidia-kernel-dkms 550.163.01, built for this kernel and
+laid out as NixOS lays out nvidia_x11.mod, .ko.xz) on a machine without an NVIDIA GPU. The swap
+loads the real nvidia.ko, whose init fails ("NVRM: No NVIDIA GPU found", ENODEV); the helper rolls
+back to the loaded driver with its parameters and nodes, and the journal carries the kernel's own
+words. A downgrade to the real 535 ends the same way."""
+
+BOOT = {"driver": "old", "real": ("real-550", "real-535"), "memory_mib": 3072,
+        "cmdline": "nvidia.NVreg_EnableGpuFirmware=0"}
+MODULES = ("nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm")
+
+
+def test(machine, bed):
+    old = bed.packages["old"]["version"]
+    machine.wait_for_unit("nvidia-persistenced.service")
+    before = machine.module_addresses()
+    for label in ("real-550", "real-535"):
+        real = bed.packages[label]["version"]
+        # No verify command: the real driver has no userspace here (its init fails first anyway).
+        bed.switch_driver(label, config={"verify_command": None})
+        plan = machine.succeed("nvidia-kmod-swap plan --json")
+        assert f'"version": "{real}"' in plan and ".ko.xz" in plan, plan
+        assert bed.restart_persistenced() != 0
+        bed.wait_persistenced_failed(timeout=240)
+        assert all(machine.module_version(m) == old for m in MODULES), machine.driver_versions()
+        machine.assert_driver_nodes()
+        assert machine.succeed("cat /sys/module/nvidia/parameters/NVreg_EnableGpuFirmware").strip() == "0"
+        dmesg = machine.dmesg()
+        assert "NVRM: No NVIDIA GPU found." in dmesg or "NVRM: No NVIDIA devices probed." in dmesg, dmesg[-3000:]
+        journal = machine.journal("-u nvidia-persistenced")
+        assert f"rolled back: the NVIDIA driver {old} is loaded again" in journal, journal[-3000:]
+        assert "the kernel logged:" in journal and "NVRM:" in journal, journal[-3000:]
+        machine.succeed("systemctl reset-failed nvidia-persistenced.service")
+    assert machine.module_addresses().keys() == before.keys()
