@@ -176,6 +176,9 @@ class SystemEffects:
             self._load(path, params)
         except KmodError as e:
             said = log.since()
+            # The driver's own diagnostics when it gave any ("NVRM: No NVIDIA GPU found."), not the
+            # taint notices and banners every load of it logs.
+            said = [line for line in said if line.startswith("NVRM")] or said
             if not said:
                 raise
             explained = EXPLAIN.get(e.errno) or os.strerror(e.errno)

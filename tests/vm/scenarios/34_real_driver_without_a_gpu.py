@@ -17,6 +17,7 @@ def test(machine, bed):
         real = bed.packages[label]["version"]
         # No verify command: the real driver has no userspace here (its init fails first anyway).
         bed.switch_driver(label, config={"verify_command": None})
+        machine.succeed("systemctl stop nvidia-persistenced.service")  # its daemon holds the GPU
         plan = machine.succeed("nvidia-kmod-swap plan --json")
         assert f'"version": "{real}"' in plan and ".ko.xz" in plan, plan
         assert bed.restart_persistenced() != 0
@@ -30,4 +31,10 @@ def test(machine, bed):
         assert f"rolled back: the NVIDIA driver {old} is loaded again" in journal, journal[-3000:]
         assert "the kernel logged:" in journal and "NVRM:" in journal, journal[-3000:]
         machine.succeed("systemctl reset-failed nvidia-persistenced.service")
-    assert machine.module_addresses().keys() == before.keys()
+        said = [line for line in journal.splitlines() if "the kernel logged:" in line]
+        print(f"    {label}: {said[-1][:400]}")
+    # No real module left behind: the NVIDIA modules are the old driver's, as before (drm_kms_helper
+    # and video, which the real modules needed by name, stay loaded as modprobe would leave them).
+    assert set(machine.driver_versions()) == set(MODULES), machine.driver_versions()
+    assert {m: a for m, a in machine.module_addresses().items() if m.startswith("nvidia")}.keys() == \
+        {m for m in before if m.startswith("nvidia")}
