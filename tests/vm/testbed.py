@@ -130,6 +130,57 @@ def base_image() -> Path:
     return out
 
 
+CHROOT = CACHE / "kbuild" / "trixie"  # tests/fake-driver/kernels: newer kernels' headers and toolchain
+
+
+def newer_kernels() -> list[str]:
+    """The newer kernels the trixie chroot carries headers of (tests/fake-driver/kernels' stamp)."""
+    stamp = CHROOT / ".nks-kernels"
+    return stamp.read_text().split() if stamp.exists() else []
+
+
+@dataclass
+class Kernel:
+    """A kernel the guest boots: its release, image, module tree and the fake driver built for it."""
+
+    release: str
+    image: Path
+    modules: Path          # its /lib/modules/<release>, with modules.dep
+    packages_dir: Path     # the fake driver's packages (driver_packages)
+
+
+def host_kernel() -> Kernel:
+    abi = kernel_abi()
+    return Kernel(abi, Path(f"/boot/vmlinuz-{abi}"), Path("/lib/modules") / abi, driver_packages(abi))
+
+
+def chroot_kernel(release: str) -> Kernel:
+    """RELEASE of the trixie chroot (6.12, 7.x): Debian's image package unpacked (not installed)
+    into .cache/kernels/<release>, depmod'ed; the fake driver's modules built by the chroot's
+    toolchain, its userspace here (the guest's userland is bookworm's)."""
+    kit = CACHE / "kernels" / release
+    image = kit / "boot" / f"vmlinuz-{release}"
+    if not image.exists():
+        log(f"fetching linux-image-{release} (the package, unpacked; nothing installed)")
+        tmp = CHROOT / "tmp" / "nks-image"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        subprocess.run(["chroot", str(CHROOT), "sh", "-c", f"cd /tmp/nks-image && apt-get download -qq linux-image-{release}"],
+                       check=True)
+        deb = next(tmp.glob("*.deb"))
+        shutil.rmtree(kit, ignore_errors=True)
+        kit.mkdir(parents=True)
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(kit)], check=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if (kit / "usr/lib/modules").is_dir() and not (kit / "lib").exists():
+            (kit / "lib").symlink_to("usr/lib")  # trixie is merged-usr; depmod -b reads lib/modules
+        subprocess.run(["depmod", "-b", str(kit), release], check=True)
+    out = CACHE / "fake-driver" / release
+    subprocess.run([str(REPO / "tests/fake-driver/build"), "--chroot", str(CHROOT), "--kdir",
+                    f"/usr/src/linux-headers-{release}", "--out", str(out)], check=True)
+    return Kernel(release, image, kit / "lib/modules" / release, out)
+
+
 def driver_packages(abi: str) -> Path:
     """Builds (or reuses) the fake driver packages for the guest kernel; returns the output dir."""
     out = CACHE / "fake-driver" / abi
@@ -160,8 +211,9 @@ class Boot:
 class Overlay:
     """The per-boot part of the initramfs: helper, driver packages, guest config, scenario files."""
 
-    def __init__(self, boot: Boot, abi: str, packages_dir: Path) -> None:
+    def __init__(self, boot: Boot, abi: str, packages_dir: Path, modules: Path | None = None) -> None:
         self.boot, self.abi, self.packages_dir = boot, abi, packages_dir
+        self.modules = modules or Path("/lib/modules") / abi  # the kernel's own module tree
         self.index = json.loads((packages_dir / "packages.json").read_text())
 
     def build(self, out: Path) -> None:
@@ -267,7 +319,7 @@ class Overlay:
         tree = root / "usr/lib/modules" / self.abi
         extra = tree / "extra"
         extra.mkdir(parents=True)
-        host_tree = Path("/lib/modules") / self.abi
+        host_tree = self.modules
         for name in ("modules.builtin", "modules.builtin.modinfo", "modules.order"):
             if (host_tree / name).exists():
                 shutil.copy(host_tree / name, tree / name)
@@ -278,7 +330,9 @@ class Overlay:
         for line in (host_tree / "modules.dep").read_text().splitlines():
             target, _, rest = line.partition(":")
             deps[target] = rest.split()
-        wanted, todo = set(), list(IN_TREE_MODULES)
+        # A newer kernel's tree has them compressed (Debian's 6.12: drm.ko.xz): the same names.
+        named = {rel.split(".ko")[0]: rel for rel in deps}
+        wanted, todo = set(), [named[m.removesuffix(".ko")] for m in IN_TREE_MODULES if m.removesuffix(".ko") in named]
         while todo:
             rel = todo.pop()
             if rel not in wanted:
@@ -319,7 +373,7 @@ class Machine:
         self._next_id = 1
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def start(self, initrd: Path, abi: str, timeout: float = 180) -> None:
+    def start(self, initrd: Path, image: Path, timeout: float = 180) -> None:
         sock_path = self.workdir / "backdoor.sock"
         append = " ".join(filter(None, [
             "console=ttyS0 panic=-1 loglevel=4 systemd.show_status=0 mitigations=off",
@@ -328,7 +382,7 @@ class Machine:
         ]))
         cmd = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-smp", "1",
                "-m", str(self.boot.memory_mib), "-nodefaults", "-display", "none", "-no-reboot",
-               "-kernel", f"/boot/vmlinuz-{abi}", "-initrd", str(initrd), "-append", append,
+               "-kernel", str(image), "-initrd", str(initrd), "-append", append,
                "-chardev", f"file,id=console,path={self.console_log}", "-serial", "chardev:console",
                "-chardev", f"socket,id=backdoor,path={sock_path},server=on,wait=off",
                "-serial", "chardev:backdoor"]
@@ -568,10 +622,20 @@ class Bed:
 class Testbed:
     """Builds the images once per run and boots machines from them."""
 
-    def __init__(self) -> None:
-        self.abi = kernel_abi()
+    def __init__(self, kernel: str = "") -> None:
+        """KERNEL: "" for the bed's own kernel (tests/lib/kernel-abi), or a release (or its prefix,
+        e.g. "6.12") of the trixie chroot's newer kernels."""
+        if kernel:
+            matches = [r for r in newer_kernels() if r.startswith(kernel)]
+            if not matches:
+                raise SystemExit(f"testbed: no kernel {kernel!r} in {CHROOT} (have: {', '.join(newer_kernels()) or 'none'};"
+                                 " tests/fake-driver/kernels makes the chroot)")
+            self.kernel = chroot_kernel(matches[-1])
+        else:
+            self.kernel = host_kernel()
+        self.abi = self.kernel.release
         self.base = base_image()
-        self.packages_dir = driver_packages(self.abi)
+        self.packages_dir = self.kernel.packages_dir
         self.index = json.loads((self.packages_dir / "packages.json").read_text())
         self.runs = CACHE / "vm" / "runs"
         self.runs.mkdir(parents=True, exist_ok=True)
@@ -579,7 +643,7 @@ class Testbed:
     def boot(self, name: str, boot: Boot) -> tuple[Machine, Bed]:
         workdir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.runs))
         overlay = workdir / "overlay.cpio"
-        Overlay(boot, self.abi, self.packages_dir).build(overlay)
+        Overlay(boot, self.abi, self.packages_dir, self.kernel.modules).build(overlay)
         initrd = workdir / "initrd.cpio"
         with initrd.open("wb") as out:
             for part in (self.base, overlay):
@@ -588,7 +652,7 @@ class Testbed:
         overlay.unlink()
         machine = Machine(name, boot, workdir)
         try:
-            machine.start(initrd, self.abi)
+            machine.start(initrd, self.kernel.image)
         except BaseException:
             machine.shutdown()  # a guest that never answered must not outlive the run
             raise
