@@ -159,22 +159,29 @@ def chroot_kernel(release: str) -> Kernel:
     into .cache/kernels/<release>, depmod'ed; the fake driver's modules built by the chroot's
     toolchain, its userspace here (the guest's userland is bookworm's)."""
     kit = CACHE / "kernels" / release
-    image = kit / "boot" / f"vmlinuz-{release}"
-    if not image.exists():
+    done = kit / ".complete"
+    if not done.exists():
         log(f"fetching linux-image-{release} (the package, unpacked; nothing installed)")
         tmp = CHROOT / "tmp" / "nks-image"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        subprocess.run(["chroot", str(CHROOT), "sh", "-c", f"cd /tmp/nks-image && apt-get download -qq linux-image-{release}"],
-                       check=True)
-        deb = next(tmp.glob("*.deb"))
+        # 6.12's image package holds the kernel and its modules; 7.x splits them into
+        # linux-binary-<release> and linux-modules-<release>, which its image package depends on.
+        for package in (f"linux-image-{release}", f"linux-binary-{release}", f"linux-modules-{release}",
+                        f"linux-base-{release}"):
+            subprocess.run(["chroot", str(CHROOT), "sh", "-c", f"cd /tmp/nks-image && apt-get download -qq {package}"],
+                           check=package.startswith("linux-image"), stderr=subprocess.DEVNULL)
         shutil.rmtree(kit, ignore_errors=True)
         kit.mkdir(parents=True)
-        subprocess.run(["dpkg-deb", "-x", str(deb), str(kit)], check=True)
+        for deb in sorted(tmp.glob("*.deb")):
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(kit)], check=True)
         shutil.rmtree(tmp, ignore_errors=True)
         if (kit / "usr/lib/modules").is_dir() and not (kit / "lib").exists():
             (kit / "lib").symlink_to("usr/lib")  # trixie is merged-usr; depmod -b reads lib/modules
         subprocess.run(["depmod", "-b", str(kit), release], check=True)
+        done.write_text(release + "\n")
+    # /boot/vmlinuz-<release> (6.12), or beside its modules (7.x's kernel-install layout).
+    image = next(p for p in (kit / "boot" / f"vmlinuz-{release}", kit / "lib/modules" / release / "vmlinuz") if p.exists())
     out = CACHE / "fake-driver" / release
     subprocess.run([str(REPO / "tests/fake-driver/build"), "--chroot", str(CHROOT), "--kdir",
                     f"/usr/src/linux-headers-{release}", "--out", str(out)], check=True)
