@@ -32,7 +32,6 @@ print(statistics.median(ours), statistics.median(theirs))
 def test(machine, bed):
     old = bed.packages["old"]["version"]
     machine.wait_for_unit("nvidia-persistenced.service")
-    before = machine.module_addresses()
     for label in ("real-550", "real-535"):
         real = bed.packages[label]["version"]
         # No verify command: the real driver has no userspace here (its init fails first anyway).
