@@ -2,9 +2,10 @@
 laid out as NixOS lays out nvidia_x11.mod, .ko.xz) on a machine without an NVIDIA GPU. The swap
 loads the real nvidia.ko, whose init fails ("NVRM: No NVIDIA GPU found", ENODEV); the helper rolls
 back to the loaded driver with its parameters and nodes, and the journal carries the kernel's own
-words. A downgrade to the real 535 ends the same way."""
+words. A downgrade to the real 535, and the open flavour of 550 (nvidia-open-kernel-dkms, what
+hardware.nvidia.open loads; its nvidia.ko is 235 MB), end the same way."""
 
-BOOT = {"driver": "old", "real": ("real-550", "real-535"), "memory_mib": 3072,
+BOOT = {"driver": "old", "real": ("real-550", "real-535", "real-550-open"), "memory_mib": 3072,
         "cmdline": "nvidia.NVreg_EnableGpuFirmware=0"}
 MODULES = ("nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm")
 
@@ -32,7 +33,7 @@ print(statistics.median(ours), statistics.median(theirs))
 def test(machine, bed):
     old = bed.packages["old"]["version"]
     machine.wait_for_unit("nvidia-persistenced.service")
-    for label in ("real-550", "real-535"):
+    for label in ("real-550", "real-535", "real-550-open"):
         real = bed.packages[label]["version"]
         # No verify command: the real driver has no userspace here (its init fails first anyway).
         bed.switch_driver(label, config={"verify_command": None})
