@@ -152,3 +152,21 @@ def test_the_kernel_log_since_a_load_began(tmp_path):
         f.write("3,2,200,-;NVRM: No NVIDIA GPU found.\n")
     assert log.since() == ["NVRM: No NVIDIA GPU found."]
     log.close()
+
+
+def test_a_module_laid_out_otherwise_is_read_in_a_second_pass(tmp_path, monkeypatch):
+    """The first streamed pass keeps a window around vermagic= and the end; what it did not keep
+    (here: with both cut to a few bytes) is read in one more pass per range, the same answer."""
+    data = elf_object({"name": "nvidia", "version": NEW, "vermagic": f"{RELEASE} SMP ", "depends": "drm"},
+                      body=b"\x90" * (1 << 16))
+    path = tmp_path / "nvidia.ko.xz"
+    path.write_bytes(lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32))
+    expected = modinfo.read_modinfo(path)
+    modinfo.forget()
+    monkeypatch.setattr(modinfo, "_WINDOW", 4)
+    monkeypatch.setattr(modinfo, "_TAIL", 8)
+    reads = []
+    real = modinfo._read_range
+    monkeypatch.setattr(modinfo, "_read_range", lambda p, o, n: reads.append((o, n)) or real(p, o, n))
+    assert modinfo.read_modinfo(path) == expected
+    assert len(reads) >= 2, reads  # the section table and .modinfo at least

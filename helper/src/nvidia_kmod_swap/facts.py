@@ -23,7 +23,7 @@ from .modinfo import (
 )
 from .paths import Root
 from .plan import Candidate, Inventory, LoadStep, Plan, foreign_modules, plan_change, refuse_repeat, stale_modules, triage
-from .rules import CORE
+from .rules import BOOTED_CONFIG, CORE
 from .snapshot import Snapshot, read_snapshot
 from .state import FAILED_RECORD, LoadedRecord, StateDir, StateError
 
@@ -169,7 +169,6 @@ def make_plan(root: Root, config: Config, snapshot: Snapshot | None = None, retr
 
 
 FACTS_CACHE = "module-facts.json"  # in the state dir: what this boot's runs read of store files
-BOOTED_CONFIG = "/run/booted-system/etc/nvidia-kmod-swap/config.json"
 
 
 def learn_facts(root: Root, config: Config) -> None:

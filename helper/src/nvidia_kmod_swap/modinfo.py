@@ -279,55 +279,35 @@ class _Stream:
         self.file.close()
 
 
-def _stream(path: Path, ranges: list[tuple[int, int]],
-            grow: Callable[[bytes], list[tuple[int, int]]] | None = None,
-            whole: bool = False) -> tuple[dict[tuple[int, int], bytes], int]:
-    """One pass over PATH's decompressed bytes, keeping only RANGES ((offset, length) each) and, once
-    the first range is complete, those GROW(first range) adds; ends as soon as all are complete
-    (WHOLE: at the end, for the size). Returns them and the decompressed size seen. Memory: the
-    ranges and one piece."""
-    import lzma
-
-    kept = {r: bytearray() for r in ranges}
-    first = ranges[0]
+def _read_range(path: Path, offset: int, length: int) -> bytes:
+    """LENGTH decompressed bytes of PATH from OFFSET, in one pass that keeps only them (fewer at
+    the end of the data: the caller's checks refuse a range cut short)."""
+    kept = bytearray()
     position = 0
     stream = _Stream(path)
     try:
-        while out := stream.read():
+        while len(kept) < length and (out := _checked(path, stream.read)):
             end = position + len(out)
-            for (offset, length), buf in kept.items():
-                lo, hi = max(offset + len(buf), position), min(offset + length, end)
-                if lo < hi and offset + len(buf) >= position:
-                    buf += out[lo - position: hi - position]
+            lo, hi = max(offset + len(kept), position), min(offset + length, end)
+            if lo < hi:
+                kept += out[lo - position: hi - position]
             position = end
-            if grow is not None and len(kept[first]) == first[1]:
-                for r in grow(bytes(kept[first])):
-                    # A range that starts before this point was passed: it stays incomplete, which
-                    # the caller's checks refuse.
-                    kept.setdefault(r, bytearray())
-                grow = None
-            if not whole and grow is None and all(len(buf) == r[1] for r, buf in kept.items()):
-                break
-    except lzma.LZMAError as e:
-        raise ModuleFileError(f"{path}: bad xz data: {e}") from e
-    except Exception as e:
-        if type(e).__module__.startswith("zstandard"):
-            raise ModuleFileError(f"{path}: bad zstd data: {e}") from e
-        raise
     finally:
         stream.close()
-    return {r: bytes(b) for r, b in kept.items()}, position
+    return bytes(kept)
 
 
 _WINDOW = 1 << 16  # kept around "vermagic=" in the first pass: .modinfo is a few hundred bytes
 _TAIL = 1 << 19  # kept at the end: the section table and, before it, the section names
 
 
-def _checked(path: Path, read: Callable[[], bytes], xz_error: type[Exception]) -> bytes:
+def _checked(path: Path, read: Callable[[], bytes]) -> bytes:
     """READ(), with a decompressor's error as the ModuleFileError it is."""
+    import lzma
+
     try:
         return read()
-    except xz_error as e:
+    except lzma.LZMAError as e:
         raise ModuleFileError(f"{path}: bad xz data: {e}") from e
     except Exception as e:
         if type(e).__module__.startswith("zstandard"):
@@ -340,8 +320,6 @@ def _first_pass(path: Path) -> tuple[list[tuple[int, bytes]], int]:
     first "vermagic=" (where .modinfo is) and the last _TAIL bytes (a module's section names and
     section table end it): what is needed, in the usual layout, without a second pass. Returns
     the kept spans ((offset, bytes)) and the size."""
-    import lzma
-
     stream = _Stream(path)
     position = 0
     previous = b""
@@ -350,7 +328,7 @@ def _first_pass(path: Path) -> tuple[list[tuple[int, bytes]], int]:
     window_start = window_end = 0
     tail = b""
     try:
-        while out := _checked(path, stream.read, lzma.LZMAError):
+        while out := _checked(path, stream.read):
             end = position + len(out)
             if len(header) < 64:
                 header += out[: 64 - len(header)]
@@ -395,7 +373,7 @@ def _stream_modinfo(path: Path) -> bytes:
         try:
             return _modinfo_section(read, size, path)
         except _Missing as missing:
-            extra.update(_stream(path, [(missing.offset, missing.length)])[0])
+            extra[(missing.offset, missing.length)] = _read_range(path, missing.offset, missing.length)
     return _modinfo_section(read, size, path)
 
 

@@ -31,6 +31,8 @@ DEFAULT_STATE_DIR = "/run/nvidia-kmod-swap"
 # loaded driver's `bin` output (its nvidia-smi has a RUNPATH to its own libraries).
 PIN_RULES = "/run/tmpfiles.d/00-nvidia-kmod-swap-pin.conf"
 LOADED_DRIVER = "/run/nvidia-loaded-driver"
+# The booted generation's config of this helper (its module facts, its driver links).
+BOOTED_CONFIG = "/run/booted-system/etc/nvidia-kmod-swap/config.json"
 # The booted generation's kernel image (nixpkgs kernel.nix: ln -s ${kernelPath} $out/kernel).
 BOOTED_KERNEL_IMAGE = "/run/booted-system/kernel"
 DEFAULT_CONFIG = "/etc/nvidia-kmod-swap/config.json"  # under --root

@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 from .config import Config
 from .paths import Root
-from .rules import CORE, LOADED_DRIVER, PIN_RULES, ConfigError, bin_output, loads_json, validate
+from .rules import BOOTED_CONFIG, CORE, LOADED_DRIVER, PIN_RULES, ConfigError, bin_output, loads_json, validate
 from .snapshot import read_snapshot
 from .state import StateDir, StateError
 
@@ -36,7 +36,6 @@ DRIVER_LINKS = ("/run/opengl-driver", "/run/opengl-driver-32")
 BOOTED_SYSTEM = "/run/booted-system"
 # nixos/modules/system/boot/systemd/tmpfiles.nix: settings.<name> becomes tmpfiles.d/<name>.conf.
 GRAPHICS_RULES = "etc/tmpfiles.d/graphics-driver.conf"
-BOOTED_CONFIG = "etc/nvidia-kmod-swap/config.json"
 
 
 class Userspace(NamedTuple):
@@ -100,7 +99,7 @@ def booted(root: Root) -> Userspace | None:
     """The booted generation's userspace: its own config of this helper when it had one, else
     its graphics.nix rule (a generation from before services.nvidiaKmodSwap)."""
     system = root(BOOTED_SYSTEM)
-    text = _read(system / BOOTED_CONFIG)
+    text = _read(root(BOOTED_CONFIG))
     if text is not None:
         try:
             config = validate(loads_json(text))
@@ -108,7 +107,7 @@ def booted(root: Root) -> Userspace | None:
             config = None
         if config is not None and config.get("driver_links") is not None:
             return Userspace(config["driver_version"], config["driver_links"],
-                             config.get("nvidia_smi"), f"{BOOTED_SYSTEM}/{BOOTED_CONFIG}")
+                             config.get("nvidia_smi"), BOOTED_CONFIG)
     text = _read(system / GRAPHICS_RULES)
     if text is None:
         return None
