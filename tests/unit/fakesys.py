@@ -432,7 +432,11 @@ class FakeEffects:
         if callable(self.on_systemctl):
             self.on_systemctl(args)
 
+    slurm: FakeSlurm | None = None  # slurmctld, asked through scontrol
+
     def run_command(self, argv: list[str], timeout: float) -> tuple[int, str, str]:
+        if self.slurm is not None and argv[0].endswith("/scontrol"):
+            return self.slurm.scontrol(argv[1:])
         if self.command_output is not None:
             status, out, *err = self.command_output
             return status, out, err[0] if err else ""
@@ -468,6 +472,78 @@ class FakeEffects:
 
     def set_link(self, path: str, target: str | None) -> None:
         SystemEffects(self.system.root).set_link(path, target)
+
+
+@dataclass
+class SlurmNodeState:
+    base: str = "IDLE"          # IDLE, ALLOCATED, MIXED, DOWN
+    drain: bool = False
+    reason: str = ""
+    reason_user: str = ""
+    reason_time: str = ""
+    partitions: tuple[str, ...] = ("gpu",)
+
+
+@dataclass
+class FakeSlurm:
+    """slurmctld through scontrol, as far as fleet.py reaches it: `--oneliner show node`, and
+    `update NodeName= State=DRAIN Reason=` / `State=RESUME` (src/scontrol/update_node.c and
+    slurmctld's node_mgr.c update_node: a drain needs a reason and records who and when; a resume
+    of a node that is not drained or down is refused; a resume clears the reason). DOWN: slurmctld
+    does not answer, every call fails as scontrol does then."""
+
+    nodes: dict[str, SlurmNodeState] = field(default_factory=dict)
+    clock: int = 1_800_000_000
+    down: bool = False
+    calls: list[list[str]] = field(default_factory=list)
+    on_call: object = None  # called with the args before they take effect (another node acting meanwhile)
+
+    def drain(self, name: str, reason: str, user: str = "root") -> None:
+        node = self.nodes[name]
+        self.clock += 1
+        node.drain, node.reason, node.reason_user = True, reason, user
+        node.reason_time = time_str(self.clock)
+
+    def scontrol(self, args: list[str]) -> tuple[int, str, str]:
+        self.calls.append(list(args))
+        if callable(self.on_call):
+            self.on_call(args)
+        if self.down:
+            return 1, "", "slurm_load_node error: Unable to contact slurm controller (connect failure)\n"
+        if args == ["--oneliner", "show", "node"]:
+            return 0, "".join(self._line(name, node) for name, node in self.nodes.items()), ""
+        if args[:1] == ["update"]:
+            fields = dict(a.split("=", 1) for a in args[1:])
+            node = self.nodes.get(fields.get("NodeName", ""))
+            if node is None:
+                return 1, "", "slurm_update error: Invalid node name specified\n"
+            state = fields.get("State", "").upper()
+            if state == "DRAIN":
+                if not fields.get("Reason"):
+                    return 1, "", "You must specify a reason when DOWNING or DRAINING a node. Request denied\n"
+                self.drain(fields["NodeName"], fields["Reason"])
+                return 0, "", ""
+            if state == "RESUME":
+                if not node.drain and node.base != "DOWN":
+                    return 1, "", "slurm_update error: Invalid node state specified\n"
+                node.drain, node.reason, node.reason_user, node.reason_time = False, "", "", ""
+                return 0, "", ""
+        return 1, "", f"scontrol: unexpected arguments {args}\n"
+
+    @staticmethod
+    def _line(name: str, node: SlurmNodeState) -> str:
+        state = node.base + ("+DRAIN" if node.drain else "")
+        reason = f" Reason={node.reason} [{node.reason_user}@{node.reason_time}]" if node.drain else ""
+        return (f"NodeName={name} Arch=x86_64 CoresPerSocket=1 CPUAlloc=0 CPUTot=1 Gres=gpu:1 "
+                f"NodeAddr={name} NodeHostName={name} State={state} ThreadsPerCore=1 Partitions={','.join(node.partitions)} "
+                f"BootTime=None SlurmdStartTime=None{reason} Comment=(null)\n")
+
+
+def time_str(epoch: int) -> str:
+    """slurm_make_time_str's default format (ISO 8601, local time)."""
+    import time
+
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(epoch))
 
 
 def make_config(store: Path, module_dirs: list[Path], rollback_dirs: list[Path] = (), **overrides) -> dict:

@@ -23,7 +23,9 @@ REPO = Path(__file__).resolve().parents[2]
 GUEST = Path(__file__).resolve().parent / "guest"
 CACHE = Path(os.environ.get("NKS_CACHE", REPO / ".cache"))
 
-SUITE = "bookworm"
+# The guest's Debian release: bookworm (systemd 252) by default; trixie (systemd 257, the age NixOS
+# 2026 runs) with `tests/vm/run --userland trixie`.
+SUITES = ("bookworm", "trixie")
 GUEST_PACKAGES = [
     "systemd", "systemd-sysv", "udev", "kmod", "procps", "psmisc",
     "python3", "python3-pyudev", "python3-systemd", "python3-packaging", "python3-zstandard",
@@ -101,18 +103,18 @@ def _pyudev_as_nixpkgs(root: Path) -> None:
     subprocess.run(["chroot", str(root), "python3", "-m", "py_compile", "/" + str(utils.relative_to(root))], check=True)
 
 
-def base_image() -> Path:
-    """The guest's Debian root as a cpio, built once per set of inputs and cached."""
-    key = _digest(SUITE, GUEST_PACKAGES, TRIM, MASK, PYUDEV_FIND_LIBRARY, "v1")
+def base_image(suite: str = "bookworm") -> Path:
+    """The guest's Debian root (SUITE) as a cpio, built once per set of inputs and cached."""
+    key = _digest(suite, GUEST_PACKAGES, TRIM, MASK, PYUDEV_FIND_LIBRARY, "v1")
     out = CACHE / "vm" / f"base-{key}.cpio"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="root-", dir=out.parent))
     try:
-        log(f"debootstrap {SUITE} (about a minute, cached afterwards)")
+        log(f"debootstrap {suite} (about a minute, cached afterwards)")
         subprocess.run(["debootstrap", "--variant=minbase", "--include=" + ",".join(GUEST_PACKAGES),
-                        SUITE, str(root), debian_mirror()], check=True, stdout=subprocess.DEVNULL)
+                        suite, str(root), debian_mirror()], check=True, stdout=subprocess.DEVNULL)
         for path in TRIM:
             shutil.rmtree(root / path, ignore_errors=True)
         for unit in MASK:
@@ -629,9 +631,12 @@ class Bed:
 class Testbed:
     """Builds the images once per run and boots machines from them."""
 
-    def __init__(self, kernel: str = "") -> None:
+    def __init__(self, kernel: str = "", userland: str = "bookworm") -> None:
         """KERNEL: "" for the bed's own kernel (tests/lib/kernel-abi), or a release (or its prefix,
-        e.g. "6.12") of the trixie chroot's newer kernels."""
+        e.g. "6.12") of the trixie chroot's newer kernels. USERLAND: the guest's Debian release."""
+        if userland not in SUITES:
+            raise SystemExit(f"testbed: no userland {userland!r} (have: {', '.join(SUITES)})")
+        self.userland = userland
         if kernel:
             matches = [r for r in newer_kernels() if r.startswith(kernel)]
             if not matches:
@@ -641,7 +646,7 @@ class Testbed:
         else:
             self.kernel = host_kernel()
         self.abi = self.kernel.release
-        self.base = base_image()
+        self.base = base_image(userland)
         self.packages_dir = self.kernel.packages_dir
         self.index = json.loads((self.packages_dir / "packages.json").read_text())
         self.runs = CACHE / "vm" / "runs"

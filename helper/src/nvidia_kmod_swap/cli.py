@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
     from .config import Config
     from .effects import Effects
+    from .fleet import SlurmGate
     from .journal import Reporter
     from .paths import Root
 
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None, effects: Effects | None = None) -> int:
     learn_facts(root, config)
     try:
         if args.command == "check":
-            return _check(root, config, reporter)
+            return _check(root, config, reporter, effects)
         if args.command == "swap":
             return _swap(root, config, reporter, effects, args.retry)
         if args.command == "plan":
@@ -181,9 +182,32 @@ def _swap_running(root: Root, config: Config) -> bool:
         os.close(fd)
 
 
-def _check(root: Root, config: Config, reporter: Reporter) -> int:
+def _live_effects(root: Root, effects: Effects | None) -> Effects | None:
+    """The live system's effects, or the tests' (a --root other than / gets none)."""
+    if effects is None and root.is_live:
+        from .effects import SystemEffects
+
+        return SystemEffects(root)
+    return effects
+
+
+def _slurm_gate(root: Root, config: Config, reporter: Reporter, effects: Effects | None) -> SlurmGate | None:
+    if config.slurm is None:
+        return None
+    effects = _live_effects(root, effects)
+    if effects is None:
+        return None
+    from .fleet import SlurmGate
+    from .state import StateDir
+
+    state = StateDir(root(config.state_dir))
+    state.ensure()
+    return SlurmGate(config.slurm, effects, reporter, state)
+
+
+def _check(root: Root, config: Config, reporter: Reporter, effects: Effects | None = None) -> int:
     from .facts import make_plan
-    from .plan import DEFER, REFUSE
+    from .plan import DEFER, LOAD, NONE, REFUSE, SWAP
     from .state import StateDir, StateError
     from .swap import deferral, plan_after_grace, report
 
@@ -198,11 +222,25 @@ def _check(root: Root, config: Config, reporter: Reporter) -> int:
     except StateError as e:
         reporter.event("refused", f"refused: {e}", "err", reason=str(e))
         return 255
+    gate = _slurm_gate(root, config, reporter, effects) if plan.waits_for == "idle" or plan.changes_kernel else None
+    fleet: dict[str, str] = {}
+    if gate is not None:
+        # On a Slurm node the switch's check drains it (fleet.py): a swap runs only drained and
+        # without a job, and a busy GPU's jobs end while no new one starts.
+        held = gate.hold(plan.loaded_version, plan.expected_version)
+        fleet["fleet"] = held.why
+        if plan.action in (LOAD, SWAP) and not held.proceed:
+            plan = plan._replace(action=DEFER, reason=held.why, waits_for="idle")
     if plan.action == DEFER:
         retry = " (retried when the GPU is idle)" if plan.waits_for == "idle" else ""
         return report(reporter, deferral(StateDir(root(config.state_dir)), plan, 1,
                                          f"deferred, not starting{retry}: {plan.reason}",
-                                         loaded_version=plan.loaded_version, expected_version=plan.expected_version))
+                                         loaded_version=plan.loaded_version, expected_version=plan.expected_version,
+                                         **fleet))
+    if plan.action == NONE and config.slurm is not None:
+        settled = _slurm_gate(root, config, reporter, effects)
+        if settled is not None:
+            settled.settle()  # a drain of ours left from a swap that is no longer needed
     if plan.action == REFUSE:
         reporter.event("refused", f"refused: {plan.reason}", "err", reason=plan.reason,
                        loaded_version=plan.loaded_version, expected_version=plan.expected_version)
@@ -257,6 +295,10 @@ def _retry_deferred(root: Root, config: Config, reporter: Reporter, effects: Eff
     if record is None:
         return 0
     busy = record.waits_for == "idle" and bool(find_holders(root))
+    if not busy and record.waits_for == "idle":
+        gate = _slurm_gate(root, config, reporter, effects)
+        # Slurm jobs still on the node, or the fleet's bound reached: the next tick asks again.
+        busy = gate is not None and not gate.ready().proceed
     plan = make_plan(root, config) if record.waits_for == "idle" and not busy else None
     step = deferral_step(record.waits_for, busy, plan)
     if step == DROP and plan is not None:

@@ -11,7 +11,7 @@ from .rules import DEFAULT_CONFIG, DEFAULT_MODULES, DEFAULT_STATE_DIR, ConfigErr
 
 DEFAULT_PATH = Path(DEFAULT_CONFIG)
 
-__all__ = ["Config", "ConfigError", "DEFAULT_PATH", "load", "parse"]
+__all__ = ["Config", "ConfigError", "DEFAULT_PATH", "SlurmConfig", "load", "parse"]
 
 
 class Config(NamedTuple):
@@ -43,10 +43,23 @@ class Config(NamedTuple):
     # JSON files of module facts computed at build time (`nvidia-kmod-swap facts`, the NixOS
     # module's module-facts derivation): the module files they cover are not read at activation.
     module_facts: tuple[str, ...] = ()
+    # Slurm as the swap's gate on a node of a GPU fleet (fleet.py): drain, swap when idle, resume.
+    slurm: SlurmConfig | None = None
+
+
+class SlurmConfig(NamedTuple):
+    node: str                 # this node's NodeName in slurm.conf
+    scontrol: str             # the scontrol to run
+    max_unavailable: str = "1"  # nodes drained by us at once: a count, or a percentage of the partition
+    partition: str | None = None  # what a percentage is of (every node without one)
+    settle_s: float = 5.0     # after our drain, how long until we read the fleet again (fleet.py)
 
 
 def parse(data: object) -> Config:
-    return Config(**validate(data))
+    values = validate(data)
+    if values.get("slurm") is not None:
+        values["slurm"] = SlurmConfig(**values["slurm"])
+    return Config(**values)
 
 
 def load(path: Path) -> Config:

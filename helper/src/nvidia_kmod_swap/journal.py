@@ -41,6 +41,9 @@ MESSAGE_IDS = {
     "pinned": "3f6c1a0e5d2b4e8f9a7c6d5e4b3a2918",
     "unpinned": "7a2e9c4b1d6f4a3e8b5c0d9e2f1a6b47",
     "unpinnable": "c58d2e7f3a9b4c1d8e6f0a2b5c7d9e13",
+    "drained": "24f222f9dd57f2a9132656e7b9ea7f84",
+    "resumed": "0369cc591a7e5e40bd2b1fa95ab7f25b",
+    "fleet": "a0dc2ff94216ca2632356fb0c0157852",
 }
 PRIORITY = {"debug": 7, "info": 6, "notice": 5, "warning": 4, "err": 3, "crit": 2}
 

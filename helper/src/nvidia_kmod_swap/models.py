@@ -28,7 +28,7 @@ WaitsFor = Literal["idle", "reboot", ""]
 Phase = Literal["planned", "prerequisites", "stopping-units", "unloading", "loading", "verifying", "rolling-back"]
 # The journal's events (journal.MESSAGE_IDS) and priorities.
 Event = Literal["noop", "plan", "deferred", "refused", "step", "swapped", "failed", "rolled-back", "rollback-failed",
-                "recovery", "busy", "retry", "pinned", "unpinned", "unpinnable"]
+                "recovery", "busy", "retry", "pinned", "unpinned", "unpinnable", "drained", "resumed", "fleet"]
 Priority = Literal["debug", "info", "notice", "warning", "err", "crit"]
 
 

@@ -20,6 +20,7 @@ from .rules import (
     LOADED_DRIVER,
     LOG_TARGETS,
     PIN_RULES,
+    SLURM_DRAIN,
     STATE_FILE,
     TYPE_CHECKING,
     ConfigError,
@@ -111,6 +112,8 @@ def noop(args: dict[str, str]) -> int | None:
         return None  # an interrupted swap (or its autoload block): the full path recovers it
     if os.path.lexists(path(PIN_RULES)):
         return None  # driver links pinned to another driver: the full path looks whether they still must be
+    if os.path.lexists(os.path.join(path(state_dir), SLURM_DRAIN)):
+        return None  # a Slurm drain of ours: the full path gives it back when nothing is left to swap
     modules = _read(path("/proc/modules"))
     if modules is None:
         return None

@@ -42,6 +42,9 @@ ON_BUSY = ("defer", "fail", "stop-units")
 ON_KERNEL_CHANGE = ("defer", "fail")
 REQUIRED = ("driver_version", "kernel_release", "module_dirs")
 CORE = "nvidia"  # the module every other driver module depends on
+# While a drain of ours is in Slurm's state (fleet.py), this record says so: the no-op path falls
+# through to give it back when there is nothing left to swap.
+SLURM_DRAIN = "slurm-drain.json"
 
 
 # A driver's own firmware path and verify command (driver-<version>.json, in the state dir),
@@ -192,6 +195,38 @@ def _units(key: str, value: object) -> tuple[str, ...]:
     return tuple(_unit(key, unit) for unit in _str_list(key, value))
 
 
+def _max_unavailable(key: str, value: object) -> str:
+    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(text, str):
+        raise ConfigError(f"config key {key!r}: expected a count of nodes or a percentage, got {value!r}")
+    digits = text[:-1] if text.endswith("%") else text
+    # No `re` here: the no-op path imports this module, and re costs it milliseconds.
+    if not digits.isascii() or not digits.isdigit() or digits.startswith("0") or (digits != text and int(digits) > 100):
+        raise ConfigError(f"config key {key!r}: expected a count of nodes (1, 2, ...) or a percentage "
+                          f"('25%'), got {value!r}")
+    return text
+
+
+SLURM_KEYS = {"node": _str, "scontrol": lambda k, v: _abs(k, _str(k, v)), "max_unavailable": _max_unavailable,
+              "partition": lambda k, v: None if v is None else _str(k, v), "settle_s": _not_negative}
+
+
+def _slurm(key: str, value: object) -> dict[str, Any] | None:
+    """{"node", "scontrol", "max_unavailable", "partition", "settle_s"} or null (fleet.py)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ConfigError(f"config key {key!r}: expected an object or null, got {value!r}")
+    unknown = sorted(set(value) - set(SLURM_KEYS))
+    missing = sorted({"node", "scontrol"} - set(value))
+    if unknown or missing:
+        raise ConfigError(f"config key {key!r}: " + (f"unknown key(s) {', '.join(map(repr, unknown))}" if unknown
+                                                     else f"missing key(s) {', '.join(map(repr, missing))}"))
+    parsed = {"max_unavailable": "1", "partition": None, "settle_s": 5.0}
+    parsed.update({k: SLURM_KEYS[k](f"{key}.{k}", v) for k, v in value.items()})
+    return parsed
+
+
 PARSERS: dict[str, Callable[[str, object], Any]] = {
     "driver_version": _str,
     "kernel_release": _str,
@@ -215,6 +250,7 @@ PARSERS: dict[str, Callable[[str, object], Any]] = {
     "driver_links": _driver_links,
     "module_facts": _abs_list,
     "nvidia_smi": lambda k, v: None if v is None else _abs(k, _str(k, v)),
+    "slurm": _slurm,
 }
 KEYS = frozenset(PARSERS)
 

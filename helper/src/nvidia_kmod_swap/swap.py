@@ -36,6 +36,7 @@ from . import params as params_mod
 from .config import Config
 from .effects import EffectError, Effects, KmodError, kmod_tool
 from .facts import driver_modules, make_plan
+from .fleet import SlurmGate
 from .holders import wait_until_released
 from .journal import Reporter
 from .models import DEFER, Event, Outcome, Priority
@@ -236,11 +237,17 @@ class Swapper:
     def _execute(self, plan: Plan) -> Outcome:
         fields: dict[str, Any] = dict(action=plan.action, loaded_version=plan.loaded_version,
                                       expected_version=plan.expected_version, direction=plan.direction)
+        gate = SlurmGate.of(self.config, self.effects, self.reporter, self.state)
         match plan.action:
             case "none":
                 self.state.remove(DEFERRED_RECORD)
+                if gate is not None:
+                    gate.settle()
                 return outcome(EXIT_OK, "noop", plan.reason, **fields)
             case "defer":
+                if gate is not None and plan.waits_for == "idle":
+                    # Drained while it waits, so that the GPU's jobs end and no new one starts.
+                    fields["fleet"] = gate.hold(plan.loaded_version, plan.expected_version).why
                 return deferral(self.state, plan, EXIT_DEFERRED, f"deferred: {plan.reason}", **fields)
             case "refuse":
                 return outcome(EXIT_REFUSED, "refused", f"refused: {plan.reason}", "err", reason=plan.reason,
@@ -249,8 +256,35 @@ class Swapper:
                 problem = self._preflight()
                 if problem:
                     return outcome(EXIT_REFUSED, "refused", f"refused: {problem}", "err", reason=problem, **fields)
-                return self._apply(plan, fields)
+                if gate is None:
+                    return self._apply(plan, fields)
+                return self._apply_drained(gate, plan, fields)
         raise AssertionError(f"unknown action {plan.action!r}")
+
+    def _apply_drained(self, gate: SlurmGate, plan: Plan, fields: dict[str, Any]) -> Outcome:
+        """A swap on a Slurm node: drained and without a job first, resumed once verified, left
+        drained with its reason when it failed (fleet.py)."""
+        held = gate.hold(plan.loaded_version, plan.expected_version)
+        if not held.proceed:
+            waiting = plan._replace(action=DEFER, reason=held.why, waits_for="idle")
+            return deferral(self.state, waiting, EXIT_DEFERRED, f"deferred: {held.why}", **fields)
+        # The drain may have taken a moment, and a job may have ended or begun before it: plan again.
+        replanned = plan_after_grace(self.root, self.config, make_plan(self.root, self.config, retry=self.retry),
+                                     self.retry)
+        if not replanned.changes_kernel:
+            return self._execute(replanned)
+        result = self._apply(replanned, fields)
+        match result.event:
+            case "swapped":
+                gate.release(f"NVIDIA driver {replanned.expected_version} loaded and verified")
+            case "deferred":
+                pass  # still held: the drain stays while it waits
+            case _:
+                # A refusal before anything changed keeps the old driver with the new userspace's
+                # profile: not a node to give jobs to either.
+                gate.fail(replanned.loaded_version, replanned.expected_version, (result.fields or {}).get("reason")
+                          or result.message)
+        return result
 
     @contextmanager
     def _lock(self) -> Iterator[None]:
