@@ -222,3 +222,27 @@ def test_the_switchs_check_drains_a_busy_node_and_the_timer_waits_for_slurm(syst
     slurm.nodes[ME].base = "IDLE"
     cli(system, store, trees, tmp_path, "retry-deferred", effects=kernel, slurm=slurm_config())
     assert kernel.systemctl_calls == [["start", "nvidia-persistenced.service"]]
+
+
+def test_slurmds_own_nvml_hold_is_stopped_for_the_swap_once_no_job_is_left(fleet, capsys):
+    """slurmd with AutoDetect=nvml keeps NVML initialised for its life (Slurm 25.05's gpu_nvml.c:
+    _nvml_init once, no shutdown until fini): with the node drained and no job on it, the swap
+    stops slurmd.service, swaps, and starts it again (it then detects the GPUs on the new driver)."""
+    system, slurm, kernel, config = fleet
+    system.hold_device(88, "slurmd", "slurmd.service")
+    kernel.on_systemctl = lambda args: system.release_device(88) if args == ["stop", "slurmd.service"] else None
+    assert swapper(system, config(), kernel).run() == EXIT_OK
+    assert system.versions() == FULL
+    assert kernel.systemctl_calls == [["stop", "slurmd.service"], ["start", "--no-block", "slurmd.service"]]
+    assert not slurm.nodes[ME].drain
+
+
+def test_the_check_lets_the_unit_start_when_only_slurmd_holds_the_gpu(system, store, tmp_path):
+    trees = write_driver(store, OLD), write_driver(store, NEW)
+    system.load_driver(OLD)
+    slurm = FakeSlurm({ME: SlurmNodeState()})
+    kernel = FakeEffects(system, slurm=slurm)
+    system.hold_device(88, "slurmd", "slurmd.service")
+    assert cli(system, store, trees, tmp_path, "check", effects=kernel) == 1  # no Slurm gate: deferred
+    assert cli(system, store, trees, tmp_path, "check", effects=kernel, slurm=slurm_config()) == 0
+    assert slurm.nodes[ME].drain

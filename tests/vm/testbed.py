@@ -26,6 +26,8 @@ CACHE = Path(os.environ.get("NKS_CACHE", REPO / ".cache"))
 # The guest's Debian release: bookworm (systemd 252) by default; trixie (systemd 257, the age NixOS
 # 2026 runs) with `tests/vm/run --userland trixie`.
 SUITES = ("bookworm", "trixie")
+SLURM_PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
+SLURM_UNITS = ["munge.service", "slurmctld.service", "slurmd.service"]
 GUEST_PACKAGES = [
     "systemd", "systemd-sysv", "udev", "kmod", "procps", "psmisc",
     "python3", "python3-pyudev", "python3-systemd", "python3-packaging", "python3-zstandard",
@@ -33,6 +35,8 @@ GUEST_PACKAGES = [
     "python3-cffi-backend",
     # The seed script of the blog post, run by the benchmark for comparison, uses rg.
     "ripgrep",
+    # Slurm, the cluster's scheduler (issue 25): enabled only where a scenario asks (Boot.slurm).
+    *SLURM_PACKAGES,
 ]
 # What the guest does not need and would only make every boot slower to unpack.
 TRIM = ["usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale", "usr/share/lintian",
@@ -50,6 +54,31 @@ IN_TREE_MODULES = ["kernel/drivers/gpu/drm/drm.ko",
 GPU_UNITS = {"gpu-cdi-generator.service": "CDI generator (nvidia-ctk cdi generate: NVML)",
              "gpu-power-limit.service": "power limit (nvidia-smi -pl)"}
 CDI_UNIT = "nvidia-container-toolkit-cdi-generator.service"
+
+
+# A cluster of one controller and one GPU node (this guest), and three GPU nodes that run no slurmd
+# here: other nodes of the fleet, whose drains slurmctld reports (max_unavailable). Slurm 22.05
+# (bookworm) and 24.11 (trixie) read it alike. No cgroup plugins: the guest has no dbus for the
+# scope slurmd's cgroup/v2 plugin makes, so a job's processes stay in slurmd.service's cgroup.
+SLURM_CONF = """\
+ClusterName=testbed
+SlurmctldHost=testbed
+SlurmUser=slurm
+AuthType=auth/munge
+StateSaveLocation=/var/lib/slurm/slurmctld
+SlurmdSpoolDir=/var/lib/slurm/slurmd
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+GresTypes=gpu
+ReturnToService=2
+SlurmdTimeout=600
+NodeName=testbed CPUs=1 RealMemory=200 Gres=gpu:1 State=UNKNOWN
+NodeName=gpu[2-4] CPUs=1 RealMemory=200 Gres=gpu:1 State=UNKNOWN
+PartitionName=gpu Nodes=testbed,gpu[2-4] Default=YES MaxTime=INFINITE State=UP
+"""
 
 
 def log(msg: str) -> None:
@@ -121,6 +150,8 @@ def base_image(suite: str = "bookworm") -> Path:
             target = root / "etc/systemd/system" / unit
             target.unlink(missing_ok=True)
             target.symlink_to("/dev/null")
+        for unit in SLURM_UNITS:  # their packages enable them; a scenario with Boot.slurm does
+            (root / "etc/systemd/system/multi-user.target.wants" / unit).unlink(missing_ok=True)
         _pyudev_as_nixpkgs(root)
         (root / "init").symlink_to("/sbin/init")
         (root / "etc/hostname").write_text("testbed\n")
@@ -213,6 +244,7 @@ class Boot:
     gpu_units: bool = False             # the GPU units of GPU_UNITS, enabled and wired
     retry_timer: bool = False           # nvidia-kmod-swap-retry.timer enabled (NixOS always has it)
     cdi: bool = False                   # nvidia-container-toolkit's CDI generator, wired as a GPU unit
+    slurm: bool = False                 # slurmctld + slurmd (this node, "testbed", Gres=gpu:1) and munge
     real: tuple[str, ...] = ()          # Debian's real NVIDIA modules to carry (tests/real-driver: "real-550", ...)
     memory_mib: int = 2048
 
@@ -239,10 +271,11 @@ class Overlay:
         target.write_text(text)
         target.chmod(mode)
 
-    def _enable(self, root: Path, unit: str, target: str, kind: str = "wants") -> None:
+    def _enable(self, root: Path, unit: str, target: str, kind: str = "wants",
+                target_dir: str = "/etc/systemd/system") -> None:
         wants = root / f"etc/systemd/system/{target}.{kind}"
         wants.mkdir(parents=True, exist_ok=True)
-        (wants / unit).symlink_to(f"/etc/systemd/system/{unit}")
+        (wants / unit).symlink_to(f"{target_dir}/{unit}")
 
     def _populate(self, root: Path) -> None:
         boot = self.boot
@@ -302,6 +335,14 @@ class Overlay:
             gpu_units.append(CDI_UNIT)
         if gpu_units:
             self._put(root, "/etc/testbed/gpu-units.json", json.dumps(gpu_units))
+        if boot.slurm:
+            # The nodes' names resolve (slurmctld looks every NodeAddr up); only testbed answers.
+            self._put(root, "/etc/hosts", "127.0.0.1 localhost\n127.0.1.1 testbed\n"
+                      + "".join(f"127.0.2.{i} gpu{i}\n" for i in range(2, 5)))
+            self._put(root, "/etc/slurm/slurm.conf", SLURM_CONF)
+            self._put(root, "/etc/slurm/gres.conf", "NodeName=testbed Name=gpu File=/dev/nvidia0\n")
+            for unit in SLURM_UNITS:
+                self._enable(root, unit, "multi-user.target", target_dir="/lib/systemd/system")
         # What a switch runs before any other unit (switch-to-configuration-ng: the restart of
         # sysinit-reactivation.target), and graphics.nix's link for GPU programs (gpu-client).
         for unit in ("sysinit-reactivation.target", "systemd-tmpfiles-resetup.service", "nvidia-kmod-swap-pin.service"):

@@ -231,6 +231,12 @@ def _check(root: Root, config: Config, reporter: Reporter, effects: Effects | No
         fleet["fleet"] = held.why
         if plan.action in (LOAD, SWAP) and not held.proceed:
             plan = plan._replace(action=DEFER, reason=held.why, waits_for="idle")
+        elif plan.action == DEFER and held.proceed:
+            from .fleet import gated
+
+            # Drained without a job: what still holds the GPU may be Slurm's own (slurmd's NVML),
+            # which the swap stops and starts again.
+            plan = plan_after_grace(root, gated(config), make_plan(root, gated(config)))
     if plan.action == DEFER:
         retry = " (retried when the GPU is idle)" if plan.waits_for == "idle" else ""
         return report(reporter, deferral(StateDir(root(config.state_dir)), plan, 1,
@@ -294,11 +300,16 @@ def _retry_deferred(root: Root, config: Config, reporter: Reporter, effects: Eff
     record = state.deferred()
     if record is None:
         return 0
-    busy = record.waits_for == "idle" and bool(find_holders(root))
-    if not busy and record.waits_for == "idle":
-        gate = _slurm_gate(root, config, reporter, effects)
-        # Slurm jobs still on the node, or the fleet's bound reached: the next tick asks again.
-        busy = gate is not None and not gate.ready().proceed
+    holders = find_holders(root) if record.waits_for == "idle" else []
+    busy = bool(holders)
+    gate = _slurm_gate(root, config, reporter, effects) if record.waits_for == "idle" else None
+    if gate is not None:
+        from .fleet import gated
+
+        # Slurm jobs still on the node, or the fleet's bound reached: the next tick asks again. No
+        # job left: Slurm's own units holding the GPU (slurmd's NVML) are the swap's to stop.
+        config = gated(config)
+        busy = any(h.unit not in config.stop_units for h in holders) or not gate.ready().proceed
     plan = make_plan(root, config) if record.waits_for == "idle" and not busy else None
     step = deferral_step(record.waits_for, busy, plan)
     if step == DROP and plan is not None:

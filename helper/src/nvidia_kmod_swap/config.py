@@ -53,6 +53,9 @@ class SlurmConfig(NamedTuple):
     max_unavailable: str = "1"  # nodes drained by us at once: a count, or a percentage of the partition
     partition: str | None = None  # what a percentage is of (every node without one)
     settle_s: float = 5.0     # after our drain, how long until we read the fleet again (fleet.py)
+    # Slurm's own units that hold the GPU outside any job (slurmd with AutoDetect=nvml keeps NVML
+    # open): stopped for the swap once the node is drained without a job, started again after.
+    units: tuple[str, ...] = ("slurmd.service",)
 
 
 def parse(data: object) -> Config:

@@ -24,9 +24,18 @@ from .rules import SLURM_DRAIN
 from .slurm import Decision, Node, SlurmError, admit, confirm, failed_reason, limit_of, parse_nodes, waiting_reason
 from .state import StateDir
 
-__all__ = ["Gate", "SlurmGate"]
+__all__ = ["Gate", "SlurmGate", "gated"]
 
 SCONTROL_TIMEOUT_S = 30.0
+
+
+def gated(config: Config) -> Config:
+    """The config a swap plans with once the node is drained and shows no job: Slurm's own units
+    (slurmd holding NVML) may then be stopped for the swap and started again after it."""
+    if config.slurm is None:
+        return config
+    units = tuple(dict.fromkeys((*config.stop_units, *config.slurm.units)))
+    return config._replace(on_busy="stop-units", stop_units=units)
 
 
 class Gate(NamedTuple):

@@ -208,11 +208,12 @@ def _max_unavailable(key: str, value: object) -> str:
 
 
 SLURM_KEYS = {"node": _str, "scontrol": lambda k, v: _abs(k, _str(k, v)), "max_unavailable": _max_unavailable,
-              "partition": lambda k, v: None if v is None else _str(k, v), "settle_s": _not_negative}
+              "partition": lambda k, v: None if v is None else _str(k, v), "settle_s": _not_negative,
+              "units": _units}
 
 
 def _slurm(key: str, value: object) -> dict[str, Any] | None:
-    """{"node", "scontrol", "max_unavailable", "partition", "settle_s"} or null (fleet.py)."""
+    """{"node", "scontrol", "max_unavailable", "partition", "settle_s", "units"} or null (fleet.py)."""
     if value is None:
         return None
     if not isinstance(value, dict):
@@ -222,7 +223,7 @@ def _slurm(key: str, value: object) -> dict[str, Any] | None:
     if unknown or missing:
         raise ConfigError(f"config key {key!r}: " + (f"unknown key(s) {', '.join(map(repr, unknown))}" if unknown
                                                      else f"missing key(s) {', '.join(map(repr, missing))}"))
-    parsed = {"max_unavailable": "1", "partition": None, "settle_s": 5.0}
+    parsed: dict[str, Any] = {"max_unavailable": "1", "partition": None, "settle_s": 5.0, "units": ("slurmd.service",)}
     parsed.update({k: SLURM_KEYS[k](f"{key}.{k}", v) for k, v in value.items()})
     return parsed
 

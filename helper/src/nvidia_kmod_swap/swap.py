@@ -36,7 +36,7 @@ from . import params as params_mod
 from .config import Config
 from .effects import EffectError, Effects, KmodError, kmod_tool
 from .facts import driver_modules, make_plan
-from .fleet import SlurmGate
+from .fleet import Gate, SlurmGate, gated
 from .holders import wait_until_released
 from .journal import Reporter
 from .models import DEFER, Event, Outcome, Priority
@@ -246,8 +246,12 @@ class Swapper:
                 return outcome(EXIT_OK, "noop", plan.reason, **fields)
             case "defer":
                 if gate is not None and plan.waits_for == "idle":
-                    # Drained while it waits, so that the GPU's jobs end and no new one starts.
-                    fields["fleet"] = gate.hold(plan.loaded_version, plan.expected_version).why
+                    # Drained while it waits, so that the GPU's jobs end and no new one starts; once
+                    # no job is left, Slurm's own holders (slurmd's NVML) are stopped for the swap.
+                    held = gate.hold(plan.loaded_version, plan.expected_version)
+                    if held.proceed:
+                        return self._apply_drained(gate, plan, fields, held)
+                    fields["fleet"] = held.why
                 return deferral(self.state, plan, EXIT_DEFERRED, f"deferred: {plan.reason}", **fields)
             case "refuse":
                 return outcome(EXIT_REFUSED, "refused", f"refused: {plan.reason}", "err", reason=plan.reason,
@@ -261,19 +265,27 @@ class Swapper:
                 return self._apply_drained(gate, plan, fields)
         raise AssertionError(f"unknown action {plan.action!r}")
 
-    def _apply_drained(self, gate: SlurmGate, plan: Plan, fields: dict[str, Any]) -> Outcome:
+    def _apply_drained(self, gate: SlurmGate, plan: Plan, fields: dict[str, Any], held: Gate | None = None) -> Outcome:
         """A swap on a Slurm node: drained and without a job first, resumed once verified, left
         drained with its reason when it failed (fleet.py)."""
-        held = gate.hold(plan.loaded_version, plan.expected_version)
+        held = held or gate.hold(plan.loaded_version, plan.expected_version)
         if not held.proceed:
             waiting = plan._replace(action=DEFER, reason=held.why, waits_for="idle")
             return deferral(self.state, waiting, EXIT_DEFERRED, f"deferred: {held.why}", **fields)
-        # The drain may have taken a moment, and a job may have ended or begun before it: plan again.
-        replanned = plan_after_grace(self.root, self.config, make_plan(self.root, self.config, retry=self.retry),
-                                     self.retry)
-        if not replanned.changes_kernel:
-            return self._execute(replanned)
-        result = self._apply(replanned, fields)
+        # The drain may have taken a moment, and a job may have ended or begun before it: plan again,
+        # with Slurm's own units stoppable now that no job is left (fleet.gated).
+        base = self.config
+        self.config = gated(base)
+        try:
+            replanned = plan_after_grace(self.root, self.config, make_plan(self.root, self.config, retry=self.retry),
+                                         self.retry)
+            if not replanned.changes_kernel:
+                self.config = base
+                return self._execute(replanned) if replanned.action != DEFER else deferral(
+                    self.state, replanned, EXIT_DEFERRED, f"deferred: {replanned.reason}", **fields)
+            result = self._apply(replanned, fields)
+        finally:
+            self.config = base
         match result.event:
             case "swapped":
                 gate.release(f"NVIDIA driver {replanned.expected_version} loaded and verified")
