@@ -156,6 +156,17 @@ let
     driver_links = if driverLinks == { } then null else driverLinks;
     # nvidia_x11's builder.sh installs nvidia-smi in `bin`, with a RUNPATH to its own `out`/lib.
     nvidia_smi = "${lib.getBin cfg.nvidiaPackage}/bin/nvidia-smi";
+    slurm =
+      if cfg.slurm.enable then
+        {
+          node = cfg.slurm.nodeName;
+          inherit (cfg.slurm) scontrol partition;
+          max_unavailable = toString cfg.slurm.maxUnavailable;
+          settle_s = cfg.slurm.settleTime;
+          units = map (u: if lib.hasSuffix ".service" u then u else "${u}.service") cfg.slurm.units;
+        }
+      else
+        null;
   };
 
   configFile = pkgs.writeText "nvidia-kmod-swap.json" (builtins.toJSON settings);
@@ -307,6 +318,79 @@ in
       '';
     };
 
+    slurm = {
+      enable = lib.mkOption {
+        type = lib.types.bool;
+        default = false;
+        description = ''
+          On a node of a Slurm cluster, let Slurm take the node out of service for a swap: while
+          a swap waits for a busy GPU, and before any swap, drain the node (`scontrol update
+          State=DRAIN`, with a reason naming nvidia-kmod-swap and the two versions; running jobs
+          finish, no new one starts), swap once slurmctld shows no job on it, verify the new
+          driver, and resume the node. A failed swap or verification leaves the node drained with
+          a reason that says why. A drain by an admin or by Slurm itself is never lifted. At most
+          `maxUnavailable` nodes are drained by nvidia-kmod-swap at once, counted from slurmctld's
+          state. See docs/fleet.md.
+        '';
+      };
+
+      nodeName = lib.mkOption {
+        type = lib.types.str;
+        default = config.networking.hostName;
+        defaultText = lib.literalExpression "config.networking.hostName";
+        description = "This node's NodeName in slurm.conf (slurmd's default is the short host name).";
+      };
+
+      maxUnavailable = lib.mkOption {
+        type = lib.types.either lib.types.ints.positive (lib.types.strMatching "[1-9][0-9]?%|100%");
+        default = 1;
+        example = "25%";
+        description = ''
+          How many nodes may be drained by nvidia-kmod-swap at the same time: a count, or a
+          percentage of `partition`'s nodes (of all nodes when it is null), rounded up, at least one.
+          A node over the bound waits, undrained, and tries again with the retry timer.
+        '';
+      };
+
+      partition = lib.mkOption {
+        type = lib.types.nullOr lib.types.str;
+        default = null;
+        example = "gpu";
+        description = "The partition a percentage `maxUnavailable` is of.";
+      };
+
+      settleTime = lib.mkOption {
+        type = lib.types.ints.unsigned;
+        default = 5;
+        description = ''
+          Seconds between draining this node and reading the fleet again: nodes that drained in
+          the same moment see each other then, and all but the first `maxUnavailable` of them
+          (by slurmctld's drain time, then name) give their drain back. Longer than the clock skew
+          between nodes and slurmctld, and a second more than its time resolution.
+        '';
+      };
+
+      units = lib.mkOption {
+        type = lib.types.listOf lib.types.str;
+        default = [ "slurmd" ];
+        description = ''
+          Slurm's own services that hold the GPU outside any job: slurmd with `AutoDetect=nvml`
+          keeps NVML open for its life (Slurm 25.05's gpu_nvml.c). Once the node is drained and
+          shows no job, the swap stops them and starts them again, so that slurmd detects the GPUs
+          on the new driver.
+        '';
+      };
+
+      scontrol = lib.mkOption {
+        type = lib.types.str;
+        default = "/run/current-system/sw/bin/scontrol";
+        description = ''
+          The scontrol to run: by default services.slurm's wrapped one (it sets SLURM_CONF to the
+          generation's slurm.conf), which the slurm module puts in environment.systemPackages.
+        '';
+      };
+    };
+
     standalone = lib.mkOption {
       type = lib.types.bool;
       default = false;
@@ -361,6 +445,13 @@ in
               enabled. Enable it with services.xserver.videoDrivers = [ "nvidia" ] or
               hardware.nvidia.datacenter.enable = true, or use
               services.nvidiaKmodSwap.standalone = true.
+            '';
+          }
+          {
+            assertion = !cfg.slurm.enable || cfg.slurm.nodeName != "";
+            message = ''
+              services.nvidiaKmodSwap.slurm.enable needs this node's NodeName in slurm.conf:
+              networking.hostName is empty, so set services.nvidiaKmodSwap.slurm.nodeName.
             '';
           }
           {

@@ -247,6 +247,13 @@ let
       firmware = map (p: p.name) (config s).hardware.firmware.paths;
       version = (json s).driver_version;
     };
+  slurmNode = on {
+    slurm = {
+      enable = true;
+      maxUnavailable = "25%";
+      partition = "gpu";
+    };
+  } (nvidia { });
   busyStop = on {
     onBusy = "stop-units";
     stopUnits = [ "train.service" ];
@@ -265,6 +272,57 @@ in
       datacenter
       standalone
       busyStop
+      slurmNode
+    ];
+  }
+  {
+    name = "slurm: the gate's settings reach the helper; off, the key is null";
+    ok = expect [
+      {
+        what = "slurm";
+        got = (json slurmNode).slurm;
+        want = {
+          node = "nixos"; # networking.hostName's default (network-interfaces.nix)
+          scontrol = "/run/current-system/sw/bin/scontrol";
+          max_unavailable = "25%";
+          partition = "gpu";
+          settle_s = 5;
+          units = [ "slurmd.service" ];
+        };
+      }
+      {
+        what = "off";
+        got = (json base).slurm;
+        want = null;
+      }
+      {
+        what = "a count";
+        got =
+          (json (
+            on {
+              slurm = {
+                enable = true;
+                maxUnavailable = 2;
+                nodeName = "gpu07";
+              };
+            } (nvidia { })
+          )).slurm.max_unavailable;
+        want = "2";
+      }
+      {
+        what = "an empty host name is refused with words";
+        got = lib.any (a: !a.assertion && builtins.match ".*slurm[.]nodeName.*" a.message != null) (
+          config (system {
+            settings = {
+              enable = true;
+              slurm.enable = true;
+            };
+            hardware = nvidia { };
+            extra.networking.hostName = "";
+          })
+        ).assertions;
+        want = true;
+      }
     ];
   }
   {
@@ -1004,6 +1062,7 @@ in
           "package"
           "retryInterval"
           "settleTimeout"
+          "slurm"
           "standalone"
           "stopUnits"
           "verify"

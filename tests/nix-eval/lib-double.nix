@@ -192,6 +192,33 @@ let
       check = v: isInt v && v >= 0;
       merge = mergeEqualOption;
     };
+    # lib/types.nix strMatching (nix-community/nixpkgs.lib de42d442): a string builtins.match
+    # accepts; str's merge.
+    strMatching =
+      pattern:
+      mkOptionType {
+        name = "strMatching ${builtins.toJSON pattern}";
+        description = "string matching the pattern ${pattern}";
+        check = v: isString v && builtins.match pattern v != null;
+        merge = mergeEqualOption;
+      };
+    # lib/types.nix either (same commit): t1's merge when every definition is a t1, else t2's when
+    # every one is a t2, else a conflict.
+    either =
+      t1: t2:
+      mkOptionType {
+        name = "either";
+        description = "${t1.description or t1.name} or ${t2.description or t2.name}";
+        check = v: t1.check v || t2.check v;
+        merge =
+          loc: defs:
+          if all (d: t1.check d.value) defs then
+            t1.merge loc defs
+          else if all (d: t2.check d.value) defs then
+            t2.merge loc defs
+          else
+            throw "The option `${showOption loc}' has conflicting definition values.";
+      };
     enum =
       values:
       mkOptionType {

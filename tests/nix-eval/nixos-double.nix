@@ -365,6 +365,18 @@
     }
   )
 
+  # nixos/modules/tasks/network-interfaces.nix (NixOS/nixpkgs 003a3fd2): networking.hostName,
+  # a DNS label or "" (from DHCP), default config.system.nixos.distroId ("nixos").
+  (
+    { lib, ... }:
+    {
+      options.networking.hostName = lib.mkOption {
+        type = lib.types.strMatching "^$|^[[:alnum:]]([[:alnum:]_-]{0,61}[[:alnum:]])?$";
+        default = "nixos";
+      };
+    }
+  )
+
   # nixos/modules/services/hardware/nvidia-container-toolkit/default.nix (NixOS/nixpkgs a808f823):
   # systemd.services.nvidia-container-toolkit-cdi-generator = lib.mkIf ...enable { wantedBy =
   # [ "multi-user.target" ]; serviceConfig = { RuntimeDirectory = "cdi"; RemainAfterExit = true;
