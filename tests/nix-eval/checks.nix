@@ -1088,6 +1088,7 @@ in
           "module-eval"
           "package"
           "rollback"
+          "slurm"
           "swap"
           "swap-legacy-layout"
           "swap-open"
@@ -1105,6 +1106,42 @@ in
         want = true;
       }
     ];
+  }
+  {
+    # tests/nixos/slurm-node.nix against services.slurm's options (nixos-double.nix); the test
+    # driver names the machine's host "machine" (nixos/lib/testing/nodes.nix).
+    name = "VM test machine with slurm-node.nix: the gate names the node slurm.conf knows";
+    ok =
+      let
+        s = system {
+          extra = {
+            imports = [
+              (import ../../tests/nixos/machine.nix { })
+              ../../tests/nixos/slurm-node.nix
+            ];
+            networking.hostName = "machine";
+          };
+        };
+      in
+      expect [
+        {
+          what = "slurm";
+          got = (json s).slurm;
+          want = {
+            node = "machine";
+            scontrol = "/run/current-system/sw/bin/scontrol";
+            max_unavailable = "1";
+            partition = null;
+            settle_s = 1;
+            units = [ "slurmd.service" ];
+          };
+        }
+        {
+          what = "slurm.conf's node";
+          got = builtins.head (config s).services.slurm.nodeName;
+          want = "machine CPUs=1 Gres=gpu:1 State=UNKNOWN";
+        }
+      ];
   }
   {
     name = "VM test machine: each specialisation's module tree has its own driver (mod, open, bin)";

@@ -377,6 +377,47 @@
     }
   )
 
+  # nixos/modules/services/computing/slurm/slurm.nix (NixOS/nixpkgs 03b2d8c5): the options the
+  # test machine sets (server/client enable, controlMachine, nodeName and partitionName as lists
+  # of lines, extraConfig, extraConfigPaths), and services.munge.enable = mkDefault true
+  # (services/security/munge.nix: munged.service).
+  (
+    { config, lib, ... }:
+    let
+      cfg = config.services.slurm;
+    in
+    {
+      options.services.slurm = {
+        server.enable = lib.mkEnableOption "the slurm control daemon";
+        client.enable = lib.mkEnableOption "the slurm client daemon";
+        controlMachine = lib.mkOption {
+          type = lib.types.nullOr lib.types.str;
+          default = null;
+        };
+        nodeName = lib.mkOption {
+          type = lib.types.listOf lib.types.str;
+          default = [ ];
+        };
+        partitionName = lib.mkOption {
+          type = lib.types.listOf lib.types.str;
+          default = [ ];
+        };
+        extraConfig = lib.mkOption {
+          type = lib.types.lines;
+          default = "";
+        };
+        extraConfigPaths = lib.mkOption {
+          type = lib.types.listOf lib.types.path;
+          default = [ ];
+        };
+      };
+      options.services.munge.enable = lib.mkEnableOption "munge";
+      config = lib.mkIf (cfg.server.enable || cfg.client.enable) {
+        services.munge.enable = lib.mkDefault true;
+      };
+    }
+  )
+
   # nixos/modules/services/hardware/nvidia-container-toolkit/default.nix (NixOS/nixpkgs a808f823):
   # systemd.services.nvidia-container-toolkit-cdi-generator = lib.mkIf ...enable { wantedBy =
   # [ "multi-user.target" ]; serviceConfig = { RuntimeDirectory = "cdi"; RemainAfterExit = true;
@@ -498,9 +539,19 @@
         type = lib.types.attrsOf (lib.types.attrsOf (lib.types.attrsOf lib.types.anything));
         default = { };
       };
+      # rules: lines of 00-nixos.conf, in the same tmpfiles.d environment.
+      options.systemd.tmpfiles.rules = lib.mkOption {
+        type = lib.types.listOf lib.types.str;
+        default = [ ];
+      };
       config.environment.etc."tmpfiles.d".source = pkgs.symlinkJoin {
         name = "tmpfiles.d";
-        paths = lib.mapAttrsToList (
+        paths = [
+          (pkgs.writeTextDir "lib/tmpfiles.d/00-nixos.conf" (
+            lib.concatStringsSep "\n" config.systemd.tmpfiles.rules
+          ))
+        ]
+        ++ lib.mapAttrsToList (
           name: paths: pkgs.writeTextDir "lib/tmpfiles.d/${name}.conf" (rules paths)
         ) config.systemd.tmpfiles.settings;
       };

@@ -45,6 +45,14 @@ in
     name = "userspace";
     script = ./userspace.py;
   };
+  # Issue 25: a Slurm node (nixpkgs' services.slurm, controller and slurmd on the machine): a job
+  # holds the GPU, the switch drains the node, no new job starts, the job ends, the timer swaps
+  # and resumes the node, and the waiting job runs on the new driver.
+  slurm = story {
+    name = "slurm";
+    script = ./slurm.py;
+    extra = ./slurm-node.nix;
+  };
   # A new module fails to load: rolled back to the old driver, the switch fails.
   rollback = story {
     name = "rollback";

@@ -5,11 +5,18 @@
   script,
   layout ? "2026",
   open ? false,
+  # More NixOS configuration for the machine (a story's own services).
+  extra ? { },
 }:
 
 testers.runNixOSTest {
   name = "nvidia-kmod-swap-${name}";
-  nodes.machine = import ./machine.nix { inherit layout open; };
+  nodes.machine = {
+    imports = [
+      (import ./machine.nix { inherit layout open; })
+      extra
+    ];
+  };
   testScript =
     let
       versions = import ./versions.nix;
