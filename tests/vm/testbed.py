@@ -26,7 +26,8 @@ CACHE = Path(os.environ.get("NKS_CACHE", REPO / ".cache"))
 # The guest's Debian release: bookworm (systemd 252) by default; trixie (systemd 257, the age NixOS
 # 2026 runs) with `tests/vm/run --userland trixie`.
 SUITES = ("bookworm", "trixie")
-SLURM_PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
+# dbus: slurmd (22.05 and 24.11) puts job steps in a scope of their own through systemd, over D-Bus.
+SLURM_PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge", "dbus"]
 SLURM_UNITS = ["munge.service", "slurmctld.service", "slurmd.service"]
 GUEST_PACKAGES = [
     "systemd", "systemd-sysv", "udev", "kmod", "procps", "psmisc",
@@ -47,6 +48,8 @@ MASK = ["apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backup.timer", "e
 DEFAULT_MODULES = ["nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm"]
 # In-tree modules of the host's kernel the guest's module tree carries (paths as in modules.dep).
 IN_TREE_MODULES = ["kernel/drivers/gpu/drm/drm.ko",
+                   # the Slurm guests' cluster network (Boot.slurm: a dummy interface)
+                   "kernel/drivers/net/dummy.ko",
                    # what Debian's real nvidia-drm and nvidia-modeset depend on (tests/real-driver)
                    "kernel/drivers/gpu/drm/drm_kms_helper.ko", "kernel/drivers/acpi/video.ko"]
 # GPU units of a crowded host (issue 11): unit -> what it stands for. The NixOS module wires the real
@@ -140,6 +143,9 @@ def base_image(suite: str = "bookworm") -> Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="root-", dir=out.parent))
+    # mkdtemp makes it 0700: as the guest's /, no user but root could reach anything (munge's
+    # postinst runs mungekey as the munge user, and fails there).
+    root.chmod(0o755)
     try:
         log(f"debootstrap {suite} (about a minute, cached afterwards)")
         subprocess.run(["debootstrap", "--variant=minbase", "--include=" + ",".join(GUEST_PACKAGES),
@@ -259,6 +265,7 @@ class Overlay:
 
     def build(self, out: Path) -> None:
         root = Path(tempfile.mkdtemp(prefix="overlay-", dir=out.parent))
+        root.chmod(0o755)  # its "." is the guest's / when the kernel unpacks it (base_image)
         try:
             self._populate(root)
             _pack(root, out)
@@ -336,9 +343,16 @@ class Overlay:
         if gpu_units:
             self._put(root, "/etc/testbed/gpu-units.json", json.dumps(gpu_units))
         if boot.slurm:
-            # The nodes' names resolve (slurmctld looks every NodeAddr up); only testbed answers.
-            self._put(root, "/etc/hosts", "127.0.0.1 localhost\n127.0.1.1 testbed\n"
-                      + "".join(f"127.0.2.{i} gpu{i}\n" for i in range(2, 5)))
+            # A cluster network: Slurm resolves names with AI_ADDRCONFIG, which glibc answers only
+            # when a non-loopback address exists, and the guest has no NIC. A dummy interface
+            # (systemd-networkd makes it; the kernel loads dummy.ko) holds this node's address;
+            # the other nodes' names resolve to addresses where nothing answers.
+            self._put(root, "/etc/systemd/network/10-cluster.netdev", "[NetDev]\nName=cluster0\nKind=dummy\n")
+            self._put(root, "/etc/systemd/network/10-cluster.network",
+                      "[Match]\nName=cluster0\n\n[Network]\nAddress=10.0.0.1/24\n")
+            self._enable(root, "systemd-networkd.service", "multi-user.target", target_dir="/lib/systemd/system")
+            self._put(root, "/etc/hosts", "127.0.0.1 localhost\n10.0.0.1 testbed\n"
+                      + "".join(f"10.0.0.{i} gpu{i}\n" for i in range(2, 5)))
             self._put(root, "/etc/slurm/slurm.conf", SLURM_CONF)
             self._put(root, "/etc/slurm/gres.conf", "NodeName=testbed Name=gpu File=/dev/nvidia0\n")
             for unit in SLURM_UNITS:

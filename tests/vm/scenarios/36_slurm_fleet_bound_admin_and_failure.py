@@ -26,6 +26,9 @@ def test(machine, bed):
     old, new, new_b = (bed.packages[label]["version"] for label in ("old", "new", "new-b"))
     s35.wait_slurm_ready(machine)
     other = f"nvidia-kmod-swap: NVIDIA driver {old} -> {new}"
+    # gpu2 never registered (UNKNOWN), and slurmctld refuses RESUME for such a node: DOWN first,
+    # as a node in the middle of its own swap may well be, then our drain (DOWN+DRAIN).
+    machine.succeed("scontrol update NodeName=gpu2 State=DOWN Reason=swapping")
     machine.succeed(f"scontrol update NodeName=gpu2 State=DRAIN Reason='{other}'")
 
     # The bound: gpu2 is out of service for its own swap.
