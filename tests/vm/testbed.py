@@ -159,6 +159,14 @@ def base_image(suite: str = "bookworm") -> Path:
         for unit in SLURM_UNITS:  # their packages enable them; a scenario with Boot.slurm does
             (root / "etc/systemd/system/multi-user.target.wants" / unit).unlink(missing_ok=True)
         _pyudev_as_nixpkgs(root)
+        # What the guest runs, for the run's header line (tests/vm/run): systemd, Slurm.
+        status = (root / "var/lib/dpkg/status").read_text()
+        versions = {}
+        for block in status.split("\n\n"):
+            fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line and not line.startswith(" "))
+            if fields.get("Package") in ("systemd", "slurmd", "kmod"):
+                versions[fields["Package"]] = fields.get("Version", "")
+        out.with_suffix(".json").write_text(json.dumps(versions))
         (root / "init").symlink_to("/sbin/init")
         (root / "etc/hostname").write_text("testbed\n")
         (root / "etc/machine-id").write_text("")
@@ -702,6 +710,10 @@ class Testbed:
             self.kernel = host_kernel()
         self.abi = self.kernel.release
         self.base = base_image(userland)
+        try:
+            self.userland_versions = json.loads(self.base.with_suffix(".json").read_text())
+        except FileNotFoundError:
+            self.userland_versions = {}
         self.packages_dir = self.kernel.packages_dir
         self.index = json.loads((self.packages_dir / "packages.json").read_text())
         self.runs = CACHE / "vm" / "runs"
