@@ -246,3 +246,11 @@ def test_the_check_lets_the_unit_start_when_only_slurmd_holds_the_gpu(system, st
     assert cli(system, store, trees, tmp_path, "check", effects=kernel) == 1  # no Slurm gate: deferred
     assert cli(system, store, trees, tmp_path, "check", effects=kernel, slurm=slurm_config()) == 0
     assert slurm.nodes[ME].drain
+
+
+def test_a_second_bump_while_drained_renames_the_reason(fleet):
+    system, slurm, kernel, config = fleet
+    slurm.drain(ME, f"nvidia-kmod-swap: NVIDIA driver {OLD} -> 1.0")
+    slurm.nodes[ME].base = "ALLOCATED"
+    assert swapper(system, config(), kernel).run() == EXIT_DEFERRED
+    assert slurm.nodes[ME].reason == f"nvidia-kmod-swap: NVIDIA driver {OLD} -> {NEW}"

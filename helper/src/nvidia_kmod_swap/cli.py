@@ -423,6 +423,28 @@ def _plan(root: Root, config: Config, as_json: bool) -> int:
     return 0
 
 
+def _slurm_node(root: Root, config: Config) -> dict[str, Any] | None:
+    """This node as slurmctld shows it (read-only; only on the live system), or None without Slurm."""
+    if config.slurm is None or not root.is_live:
+        return None
+    from .effects import EffectError, SystemEffects
+    from .slurm import SlurmError, parse_nodes
+
+    try:
+        code, out, err = SystemEffects(root).run_command([config.slurm.scontrol, "--oneliner", "show", "node",
+                                                          config.slurm.node], 30.0)
+        if code != 0:
+            raise SlurmError(err.strip() or f"exit {code}")
+        node = parse_nodes(out).get(config.slurm.node)
+        if node is None:
+            raise SlurmError(f"slurmctld knows no node {config.slurm.node!r}")
+    except (OSError, EffectError, SlurmError) as e:  # status never fails on what it only reports
+        return {"node": config.slurm.node, "error": f"{config.slurm.node}: {e}"}
+    ours = " (drained by nvidia-kmod-swap)" if node.ours else ""
+    return {"node": node.name, "states": list(node.states), "reason": node.reason, "ours": node.ours,
+            "shown": node.shown() + ours}
+
+
 def _status(root: Root, config: Config, as_json: bool) -> int:
     import json
 
@@ -477,6 +499,7 @@ def _status(root: Root, config: Config, as_json: bool) -> int:
             "deferred": history["pending"],
             "blocked": blocked,
             "userspace": _userspace(root, config),
+            "slurm": _slurm_node(root, config),
         }, indent=2))
         return 0
     print(f"expected driver: {config.driver_version} (for kernel {config.kernel_release})")
@@ -500,6 +523,9 @@ def _status(root: Root, config: Config, as_json: bool) -> int:
         if deferred.get("waits_for") == "idle":
             print("                 the swap runs by itself once the GPU is idle (retry-deferred)")
     _print_userspace(_userspace(root, config))
+    node = _slurm_node(root, config)
+    if node is not None:
+        print(f"slurm node:      {node['shown']}" if "shown" in node else f"slurm node:      {node['error']}")
     if decisions is None and root.is_live:
         print("(no systemd-python: the journal's history is not shown)")
     return 0

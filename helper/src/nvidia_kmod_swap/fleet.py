@@ -124,6 +124,9 @@ class SlurmGate:
             node = nodes[self.me]
             if node.has_jobs:
                 decision = Decision("wait-jobs", f"Slurm jobs still run on {node.shown()}; no new one starts")
+        elif node.ours and not node.failed and node.reason != waiting_reason(loaded, expected):
+            # Drained for an earlier bump that another one overtook: the reason names this one.
+            self._drain(waiting_reason(loaded, expected))
         elif node.drained and not node.ours:
             self.reporter.event("fleet", f"Slurm node {node.shown()} was drained by another hand: left as it is, "
                                 "and not resumed after the swap", "notice", node=self.me, reason=node.reason)

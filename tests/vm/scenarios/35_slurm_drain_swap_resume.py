@@ -46,6 +46,8 @@ def test(machine, bed):
     assert reason == f"nvidia-kmod-swap: NVIDIA driver {old} -> {new}", reason
     assert machine.module_version("nvidia") == old
     assert job_state(machine, "hold") == "RUNNING"
+    status = machine.succeed("nvidia-kmod-swap status")
+    assert "slurm node:      testbed (" in status and "(drained by nvidia-kmod-swap)" in status, status
     # No new job starts on the drained node.
     machine.succeed("sbatch -J next --gres=gpu:1 -w testbed -o /tmp/next.out --wrap /usr/local/bin/gpu-client")
     time.sleep(6)
