@@ -363,6 +363,15 @@ class Overlay:
                       + "".join(f"10.0.0.{i} gpu{i}\n" for i in range(2, 5)))
             self._put(root, "/etc/slurm/slurm.conf", SLURM_CONF)
             self._put(root, "/etc/slurm/gres.conf", "NodeName=testbed Name=gpu File=/dev/nvidia0\n")
+            # slurmd as a NixOS GPU node runs it with AutoDetect=nvml: NVML initialised once and
+            # kept for slurmd's life (Slurm 25.05 src/plugins/gpu/nvml/gpu_nvml.c, _nvml_init; no
+            # shutdown until fini), so /dev/nvidiactl stays open in slurmd.service. Debian's slurmd
+            # has no NVML plugin: a process of the unit holds it instead, and goes with slurmd.
+            self._put(root, "/etc/systemd/system/slurmd.service.d/nvml.conf", (
+                "[Service]\n"
+                "ExecStartPost=/bin/sh -c 'setsid /bin/bash -c \"exec 3<>/dev/nvidiactl; exec -a slurmd-nvml sleep infinity\""
+                " >/dev/null 2>&1 &'\n"
+                "ExecStopPost=-/usr/bin/pkill -f ^slurmd-nvml\n"))
             for unit in SLURM_UNITS:
                 self._enable(root, unit, "multi-user.target", target_dir="/lib/systemd/system")
         # What a switch runs before any other unit (switch-to-configuration-ng: the restart of

@@ -231,6 +231,8 @@ def _check(root: Root, config: Config, reporter: Reporter, effects: Effects | No
         fleet["fleet"] = held.why
         if plan.action in (LOAD, SWAP) and not held.proceed:
             plan = plan._replace(action=DEFER, reason=held.why, waits_for="idle")
+        elif plan.action == DEFER and not held.proceed:
+            plan = plan._replace(reason=f"{held.why}; and {plan.reason}")
         elif plan.action == DEFER and held.proceed:
             from .fleet import gated
 

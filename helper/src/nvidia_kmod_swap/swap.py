@@ -252,6 +252,7 @@ class Swapper:
                     if held.proceed:
                         return self._apply_drained(gate, plan, fields, held)
                     fields["fleet"] = held.why
+                    plan = plan._replace(reason=f"{held.why}; and {plan.reason}")
                 return deferral(self.state, plan, EXIT_DEFERRED, f"deferred: {plan.reason}", **fields)
             case "refuse":
                 return outcome(EXIT_REFUSED, "refused", f"refused: {plan.reason}", "err", reason=plan.reason,

@@ -1,9 +1,10 @@
 """Issue 25: a GPU node of a Slurm cluster (Debian's slurmctld, slurmd and munge, this guest its
 only slurmd) takes a driver bump while a job holds the GPU. The switch drains the node in Slurm
 with a reason naming nvidia-kmod-swap and both versions; the job runs on, on the old driver; a new
-job does not start there. The job ends: the timer swaps, the node is resumed, and the job that
-waited runs on the new driver. What slurmctld shows is read with scontrol and squeue, what the
-kernel loaded from sysfs."""
+job does not start there. The job ends: the timer stops slurmd (which holds NVML, as with
+AutoDetect=nvml), swaps, starts slurmd again, resumes the node, and the job that waited runs on
+the new driver. What slurmctld shows is read with scontrol and squeue, what the kernel loaded
+from sysfs, who holds the GPU from /proc."""
 
 import time
 
@@ -28,6 +29,14 @@ def wait_slurm_ready(machine):
     machine.wait_until_succeeds("scontrol --oneliner show node testbed | grep -q ' State=IDLE '", timeout=120)
 
 
+def nvml_holder(machine):
+    """slurmd's NVML (testbed.py's double): a process of slurmd.service with /dev/nvidiactl open."""
+    pid = machine.wait_until_succeeds("pgrep -f ^slurmd-nvml", timeout=30).split()[0]
+    assert "slurmd.service" in machine.succeed(f"cat /proc/{pid}/cgroup")
+    machine.wait_until_succeeds(f"ls -l /proc/{pid}/fd | grep -q /dev/nvidiactl", timeout=30)
+    return pid
+
+
 def job_state(machine, name):
     return machine.succeed(f"squeue -h -n {name} -o %T").strip()
 
@@ -38,6 +47,7 @@ def test(machine, bed):
     machine.succeed(f"sbatch -J hold --gres=gpu:1 -w testbed -o /tmp/hold.out --wrap '{HOLD}'")
     machine.wait_until_succeeds("test \"$(squeue -h -n hold -o %T)\" = RUNNING", timeout=60)
     machine.wait_until_succeeds("fuser /dev/nvidia0", timeout=30)
+    nvml_holder(machine)
 
     rc, out = bed.switch("new", config={"slurm": SLURM})
     assert rc == 0, out
@@ -62,6 +72,10 @@ def test(machine, bed):
         raise AssertionError(f"{e}\n{machine.journal('-t nvidia-kmod-swap -n 40')}\n{machine.succeed('squeue; sinfo')}") from None
     versions = machine.driver_versions()
     assert all(versions[m] == new for m in ("nvidia", "nvidia_modeset", "nvidia_uvm", "nvidia_drm")), versions
+    # slurmd was stopped for the swap and runs again, its NVML on the new driver.
+    assert machine.unit_property("slurmd.service", "ActiveState") == "active"
+    nvml_holder(machine)
+    assert "stopping slurmd.service to free the GPU" in machine.journal("-t nvidia-kmod-swap")
     state, reason = node(machine)
     assert "DRAIN" not in state.split("+") and reason == "", (state, reason)
     # The job that waited ran on the new driver, its libraries and module agreeing.
