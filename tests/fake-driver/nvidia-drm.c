@@ -30,6 +30,12 @@ static const struct file_operations fake_drm_fops = {
 	.poll = drm_poll,
 	.read = drm_read,
 	.llseek = noop_llseek,
+	/* nvidia-drm/nvidia-drm-drv.c nv_drm_fops (550.163.01): set where the kernel has it (conftest
+	 * file_operations_fop_unsigned_offset_present); from 6.12 drm_open_helper refuses a file
+	 * without it (WARN_ON_ONCE, EINVAL). */
+#ifdef FOP_UNSIGNED_OFFSET
+	.fop_flags = FOP_UNSIGNED_OFFSET,
+#endif
 };
 
 static const struct drm_driver fake_drm_driver = {
