@@ -254,3 +254,23 @@ def test_a_second_bump_while_drained_renames_the_reason(fleet):
     slurm.nodes[ME].base = "ALLOCATED"
     assert swapper(system, config(), kernel).run() == EXIT_DEFERRED
     assert slurm.nodes[ME].reason == f"nvidia-kmod-swap: NVIDIA driver {OLD} -> {NEW}"
+
+
+def test_a_swap_done_meanwhile_by_another_run_is_not_marked_failed(fleet):
+    """slurmd is stopped for the swap (its NVML), and meanwhile another run loaded the new driver:
+    the plan made after the stop has nothing to do, and the drain is given back, not turned into
+    a failure."""
+    system, slurm, kernel, config = fleet
+    system.hold_device(88, "slurmd", "slurmd.service")
+
+    def stop(args):
+        if args == ["stop", "slurmd.service"]:
+            system.release_device(88)
+            for name in ("nvidia_drm", "nvidia_uvm", "nvidia_modeset", "nvidia"):
+                system.remove(name)
+            system.load_driver(NEW)
+
+    kernel.on_systemctl = stop
+    assert swapper(system, config(), kernel).run() == EXIT_OK
+    assert system.versions() == FULL and not any(op in ("load", "unload") for op, _ in kernel.calls)
+    assert not slurm.nodes[ME].drain, slurm.nodes[ME]

@@ -290,8 +290,8 @@ class Swapper:
         match result.event:
             case "swapped":
                 gate.release(f"NVIDIA driver {replanned.expected_version} loaded and verified")
-            case "deferred":
-                pass  # still held: the drain stays while it waits
+            case "deferred" | "noop":
+                pass  # still held: the drain stays while it waits; or swapped meanwhile (settled)
             case _:
                 # A refusal before anything changed keeps the old driver with the new userspace's
                 # profile: not a node to give jobs to either.
