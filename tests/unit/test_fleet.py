@@ -6,6 +6,8 @@ FakeSlurm double (fakesys.py). Each test fails on de7c603 (no Slurm gate at all)
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from fakesys import (
@@ -274,3 +276,45 @@ def test_a_swap_done_meanwhile_by_another_run_is_not_marked_failed(fleet):
     assert swapper(system, config(), kernel).run() == EXIT_OK
     assert system.versions() == FULL and not any(op in ("load", "unload") for op, _ in kernel.calls)
     assert not slurm.nodes[ME].drain, slurm.nodes[ME]
+
+
+def test_a_resume_slurmctld_did_not_answer_is_given_back_by_the_retry_timer(system, store, tmp_path, capsys):
+    """The swap verified, and slurmctld went away just before its RESUME: the node stays drained by
+    us with nothing deferred any more. The retry timer's ticks give the drain back once slurmctld
+    answers (not while another run holds the lock), and the no-op path falls through until then."""
+    import fcntl
+
+    from nvidia_kmod_swap.swap import LOCK_FILE
+
+    trees = write_driver(store, OLD), write_driver(store, NEW)
+    system.load_driver(OLD)
+    slurm = FakeSlurm({ME: SlurmNodeState(), "gpu2": SlurmNodeState()})
+    kernel = FakeEffects(system, slurm=slurm)
+
+    def controller_goes(args):
+        if "State=RESUME" in args:
+            slurm.down = True
+
+    slurm.on_call = controller_goes
+    assert cli(system, store, trees, tmp_path, "swap", effects=kernel, slurm=slurm_config()) == EXIT_OK
+    assert system.versions() == FULL and slurm.nodes[ME].drain
+    assert "could not resume Slurm node gpu1" in capsys.readouterr().err
+    slurm.on_call = None
+    tick = ["--root", str(system.base), "--config", str(tmp_path / "config.json"), "retry-deferred"]
+    assert noop({"config": tick[3], "root": tick[1], "command": "retry-deferred", "log_target": "stderr"}) is None
+
+    assert cli(system, store, trees, tmp_path, "retry-deferred", effects=kernel, slurm=slurm_config()) == 0
+    assert slurm.nodes[ME].drain  # slurmctld still down: the next tick tries again
+    assert "could not read Slurm node gpu1" in capsys.readouterr().err
+    slurm.down = False
+    fd = os.open(system.base / "run/nvidia-kmod-swap" / LOCK_FILE, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a swap under way has the drain in hand
+        assert cli(system, store, trees, tmp_path, "retry-deferred", effects=kernel, slurm=slurm_config()) == 0
+        assert slurm.nodes[ME].drain
+    finally:
+        os.close(fd)
+    assert cli(system, store, trees, tmp_path, "retry-deferred", effects=kernel, slurm=slurm_config()) == 0
+    assert not slurm.nodes[ME].drain and system.versions() == FULL
+    assert "Slurm node gpu1 resumed: nothing is left to swap" in capsys.readouterr().err
+    assert noop({"config": tick[3], "root": tick[1], "command": "retry-deferred", "log_target": "stderr"}) == 0

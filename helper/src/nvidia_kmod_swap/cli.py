@@ -266,8 +266,8 @@ def _pin(root: Root, config: Config, reporter: Reporter, effects: Effects | None
 
 def _swapper(root: Root, config: Config, reporter: Reporter, effects: Effects | None, command: str,
              retry: bool = False) -> int:
-    """`swap` or `pin` through a Swapper: the live system's effects (a --root other than / changes
-    nothing: tests pass fake effects), a refusal reported once."""
+    """`swap`, `pin` or the timer's settle-drain through a Swapper: the live system's effects (a
+    --root other than / changes nothing: tests pass fake effects), a refusal reported once."""
     from .state import StateError
     from .swap import EXIT_REFUSED, Refused, Swapper
 
@@ -281,7 +281,12 @@ def _swapper(root: Root, config: Config, reporter: Reporter, effects: Effects | 
         effects = SystemEffects(root)
     try:
         swapper = Swapper(root, config, effects, reporter, retry=retry)
-        return swapper.pin() if command == "pin" else swapper.run()
+        match command:
+            case "pin":
+                return swapper.pin()
+            case "settle-drain":
+                return swapper.settle_drain()
+        return swapper.run()
     except (Refused, StateError) as e:
         reporter.event("refused", f"refused: {e}", "err", reason=str(e))
         return EXIT_REFUSED
@@ -289,18 +294,23 @@ def _swapper(root: Root, config: Config, reporter: Reporter, effects: Effects | 
 
 def _retry_deferred(root: Root, config: Config, reporter: Reporter, effects: Effects | None) -> int:
     """A deferred swap waiting for an idle GPU: once no process holds /dev/nvidia*, start the unit
-    that swaps (its `check` and `swap` decide again), then the GPU units ordered after it."""
+    that swaps (its `check` and `swap` decide again), then the GPU units ordered after it. With
+    nothing deferred, a Slurm drain of ours that outlived its swap is given back."""
     import time
 
     from .facts import make_plan
     from .holders import find_holders
     from .plan import DEFER, DROP, NONE, START, deferral_step
+    from .rules import SLURM_DRAIN
     from .snapshot import read_snapshot
     from .state import DEFERRED_RECORD, StateDir
 
     state = StateDir(root(config.state_dir))
     record = state.deferred()
     if record is None:
+        if config.slurm is not None and state.exists(SLURM_DRAIN) and (effects is not None or root.is_live):
+            # A drain of ours whose resume failed (slurmctld did not answer) is given back once it can be.
+            return _swapper(root, config, reporter, effects, "settle-drain")
         return 0
     holders = find_holders(root) if record.waits_for == "idle" else []
     busy = bool(holders)

@@ -106,8 +106,10 @@ def noop(args: dict[str, str]) -> int | None:
         return os.path.join(root, p.lstrip("/"))
 
     if args["command"] == "retry-deferred":
-        # The timer's tick, every few seconds for good: nothing deferred is nothing to do.
-        return None if os.path.lexists(os.path.join(path(state_dir), DEFERRED_RECORD)) else 0
+        # The timer's tick, every few seconds for good: nothing deferred, and no Slurm drain of ours
+        # left to give back, is nothing to do.
+        records = (DEFERRED_RECORD, SLURM_DRAIN)
+        return None if any(os.path.lexists(os.path.join(path(state_dir), r)) for r in records) else 0
     if os.path.lexists(os.path.join(path(state_dir), STATE_FILE)) or os.path.lexists(path(AUTOLOAD_BLOCK)):
         return None  # an interrupted swap (or its autoload block): the full path recovers it
     if os.path.lexists(path(PIN_RULES)):

@@ -206,6 +206,19 @@ class Swapper:
             self.keep_userspace()
         return report(self.reporter, result)
 
+    def settle_drain(self) -> int:
+        """The retry timer's tick when no swap is deferred but a Slurm drain of ours is recorded:
+        its resume failed after a swap (slurmctld did not answer), or the swap is under way. Once
+        the loaded driver is this generation's and no run holds the lock, the drain is given back
+        (fleet.SlurmGate.settle); otherwise the next tick looks again."""
+        gate = SlurmGate.of(self.config, self.effects, self.reporter, self.state)
+        if gate is None:
+            return EXIT_OK
+        with self._lock(wait=False) as taken:
+            if taken and self.state.swap_state() is None and make_plan(self.root, self.config).action == "none":
+                gate.settle()
+        return EXIT_OK
+
     def pin(self) -> int:
         """The `pin` command (the switch runs it before systemd-tmpfiles-resetup): the driver links
         follow the loaded module, under the lock so that no swap changes it meanwhile."""
@@ -300,17 +313,21 @@ class Swapper:
         return result
 
     @contextmanager
-    def _lock(self) -> Iterator[None]:
+    def _lock(self, wait: bool = True) -> Iterator[bool]:
+        """The swap lock, waiting up to lock_timeout_s for it; without WAIT, whether it was free."""
         try:
             fd = os.open(self.state.path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as e:
             raise Refused(f"cannot open the lock {self.state.path / LOCK_FILE}: {e.strerror}; nothing was touched") from e
         try:
+            if not wait:
+                yield lock_within(fd, fcntl.LOCK_EX, 0)
+                return
             timeout = self.config.lock_timeout_s if self.lock_timeout_s is None else self.lock_timeout_s
             if not lock_within(fd, fcntl.LOCK_EX, timeout, lambda: self.reporter.event(
                     "step", "another nvidia-kmod-swap run holds the lock; waiting", "notice")):
                 raise Refused(f"another run held {self.state.path / LOCK_FILE} for {timeout:.0f}s")
-            yield
+            yield True
         finally:
             os.close(fd)
 
