@@ -490,7 +490,8 @@ class FakeSlurm:
     `update NodeName= State=DRAIN Reason=` / `State=RESUME` (src/scontrol/update_node.c and
     slurmctld's node_mgr.c update_node: a drain needs a reason and records who and when; a resume
     of a node that is not drained or down is refused; a resume clears the reason). DOWN: slurmctld
-    does not answer, every call fails as scontrol does then."""
+    does not answer, every call fails as scontrol does then. UNKNOWN: slurmctld started and the
+    node's slurmd has not registered since (jobs on it are not shown)."""
 
     nodes: dict[str, SlurmNodeState] = field(default_factory=dict)
     clock: int = 1_800_000_000
@@ -524,6 +525,11 @@ class FakeSlurm:
                 self.drain(fields["NodeName"], fields["Reason"])
                 return 0, "", ""
             if state == "RESUME":
+                if node.base == "UNKNOWN" and node.drain:
+                    # Not registered since slurmctld started: update_node clears DRAIN, then has no
+                    # state to set for UNKNOWN and fails (node_mgr.c, Slurm 22.05 to 25.05).
+                    node.drain = False
+                    return 1, "", "slurm_update error: Invalid node state specified\n"
                 if not node.drain and node.base != "DOWN":
                     return 1, "", "slurm_update error: Invalid node state specified\n"
                 node.drain, node.reason, node.reason_user, node.reason_time = False, "", "", ""

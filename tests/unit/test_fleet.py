@@ -281,7 +281,8 @@ def test_a_swap_done_meanwhile_by_another_run_is_not_marked_failed(fleet):
 def test_a_resume_slurmctld_did_not_answer_is_given_back_by_the_retry_timer(system, store, tmp_path, capsys):
     """The swap verified, and slurmctld went away just before its RESUME: the node stays drained by
     us with nothing deferred any more. The retry timer's ticks give the drain back once slurmctld
-    answers (not while another run holds the lock), and the no-op path falls through until then."""
+    answers and this node's slurmd has registered with it again (not while another run holds the
+    lock), and the no-op path falls through until then."""
     import fcntl
 
     from nvidia_kmod_swap.swap import LOCK_FILE
@@ -307,6 +308,11 @@ def test_a_resume_slurmctld_did_not_answer_is_given_back_by_the_retry_timer(syst
     assert slurm.nodes[ME].drain  # slurmctld still down: the next tick tries again
     assert "could not read Slurm node gpu1" in capsys.readouterr().err
     slurm.down = False
+    slurm.nodes[ME].base = "UNKNOWN"  # slurmctld restarted; slurmd has not registered again yet
+    assert cli(system, store, trees, tmp_path, "retry-deferred", effects=kernel, slurm=slurm_config()) == 0
+    assert slurm.nodes[ME].drain and ["update", f"NodeName={ME}", "State=RESUME"] not in slurm.calls[-2:]
+    assert "stays drained until slurmd registers" in capsys.readouterr().err
+    slurm.nodes[ME].base = "IDLE"
     fd = os.open(system.base / "run/nvidia-kmod-swap" / LOCK_FILE, os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # a swap under way has the drain in hand
@@ -318,3 +324,17 @@ def test_a_resume_slurmctld_did_not_answer_is_given_back_by_the_retry_timer(syst
     assert not slurm.nodes[ME].drain and system.versions() == FULL
     assert "Slurm node gpu1 resumed: nothing is left to swap" in capsys.readouterr().err
     assert noop({"config": tick[3], "root": tick[1], "command": "retry-deferred", "log_target": "stderr"}) == 0
+
+
+def test_after_a_slurmctld_restart_the_swap_waits_until_slurmd_registers(fleet, capsys):
+    """slurmctld restarted while a swap waited for a job: until this node's slurmd registers again
+    the node is UNKNOWN+DRAIN, its job not shown, so the swap still waits; then it runs."""
+    system, slurm, kernel, config = fleet
+    slurm.drain(ME, f"nvidia-kmod-swap: NVIDIA driver {OLD} -> {NEW}")
+    slurm.nodes[ME].base = "UNKNOWN"
+    assert swapper(system, config(), kernel).run() == EXIT_DEFERRED
+    assert system.versions() == BEFORE and kernel.calls == []
+    assert "slurmctld has not heard from slurmd on gpu1" in capsys.readouterr().err
+    slurm.nodes[ME].base = "IDLE"
+    assert swapper(system, config(), kernel).run() == EXIT_OK
+    assert system.versions() == FULL and not slurm.nodes[ME].drain

@@ -21,7 +21,7 @@ from .config import Config, SlurmConfig
 from .effects import EffectError, Effects
 from .journal import Reporter
 from .rules import SLURM_DRAIN
-from .slurm import Decision, Node, SlurmError, admit, confirm, failed_reason, limit_of, parse_nodes, waiting_reason
+from .slurm import Node, SlurmError, admit, confirm, failed_reason, idle, limit_of, parse_nodes, waiting_reason
 from .state import StateDir
 
 __all__ = ["Gate", "SlurmGate", "gated"]
@@ -122,8 +122,7 @@ class SlurmGate:
                                     node=self.me, others=list(decision.others))
                 return Gate(False, f"the fleet's bound: {decision.why}")
             node = nodes[self.me]
-            if node.has_jobs:
-                decision = Decision("wait-jobs", f"Slurm jobs still run on {node.shown()}; no new one starts")
+            decision = idle(node) or decision
         elif node.ours and not node.failed and node.reason != waiting_reason(loaded, expected):
             # Drained for an earlier bump that another one overtook: the reason names this one.
             self._drain(waiting_reason(loaded, expected))
@@ -162,6 +161,12 @@ class SlurmGate:
                 self.reporter.event("fleet", f"Slurm node {node.shown()} stays drained: not drained by "
                                     "nvidia-kmod-swap", "notice", node=self.me, reason=node.reason)
                 self.state.remove(SLURM_DRAIN)
+                return
+            if not node.registered:
+                # slurmctld restarted and slurmd has not registered again: a RESUME now would lift
+                # the drain and fail (slurm.Node.registered). The retry timer asks again.
+                self.reporter.event("fleet", f"Slurm node {node.shown()} stays drained until slurmd registers with "
+                                    "slurmctld again; the retry timer resumes it then", "notice", node=self.me)
                 return
             self._resume()
         except SlurmError as e:

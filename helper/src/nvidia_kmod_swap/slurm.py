@@ -15,8 +15,8 @@ from __future__ import annotations
 import re
 from typing import Literal, NamedTuple
 
-__all__ = ["REASON_PREFIX", "Decision", "Node", "SlurmError", "admit", "confirm", "failed_reason", "limit_of",
-           "parse_nodes", "waiting_reason"]
+__all__ = ["REASON_PREFIX", "Decision", "Node", "SlurmError", "admit", "confirm", "failed_reason", "idle",
+           "limit_of", "parse_nodes", "waiting_reason"]
 
 REASON_PREFIX = "nvidia-kmod-swap:"
 # slurmctld's node states that mean a job is (still) on the node (src/common/slurm_protocol_defs.c
@@ -48,6 +48,14 @@ class Node(NamedTuple):
     @property
     def has_jobs(self) -> bool:
         return any(s in JOB_STATES for s in self.states)
+
+    @property
+    def registered(self) -> bool:
+        """slurmctld has heard from the node's slurmd since it started. Until then the base state
+        is UNKNOWN, even with jobs running there (read_config.c _sync_nodes_to_active_job counts
+        them; validate_node_specs sets ALLOCATED at registration), and a RESUME lifts DRAIN yet
+        fails, "Invalid node state specified" (node_mgr.c update_node, Slurm 22.05 to 25.05)."""
+        return self.states[:1] != ("UNKNOWN",)
 
     @property
     def ours(self) -> bool:
@@ -128,9 +136,17 @@ def admit(nodes: dict[str, Node], me: str, limit: int) -> Decision:
                             f"({', '.join(others)}), the most maxUnavailable ({limit}) allows", others)
         return Decision("drain", f"{len(others)} other node(s) drained by nvidia-kmod-swap, "
                         f"maxUnavailable {limit}", others)
+    return idle(node, others) or Decision("proceed", f"{node.shown()} has no job", others)
+
+
+def idle(node: Node, others: tuple[str, ...] = ()) -> Decision | None:
+    """None if slurmctld shows no job on NODE; else why the swap waits for its jobs."""
+    if not node.registered:
+        return Decision("wait-jobs", f"slurmctld has not heard from slurmd on {node.shown()} since it started: "
+                        "its jobs are not known yet", others)
     if node.has_jobs:
         return Decision("wait-jobs", f"Slurm jobs still run on {node.shown()}; no new one starts", others)
-    return Decision("proceed", f"{node.shown()} has no job", others)
+    return None
 
 
 def confirm(nodes: dict[str, Node], me: str, limit: int) -> Decision:
