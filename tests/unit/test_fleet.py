@@ -338,3 +338,73 @@ def test_after_a_slurmctld_restart_the_swap_waits_until_slurmd_registers(fleet, 
     slurm.nodes[ME].base = "IDLE"
     assert swapper(system, config(), kernel).run() == EXIT_OK
     assert system.versions() == FULL and not slurm.nodes[ME].drain
+
+
+def test_the_retry_timer_keeps_a_swap_slurmctld_cannot_gate_and_runs_it_once_it_answers(system, store, tmp_path,
+                                                                                          capsys):
+    """slurmctld does not answer: the switch's check defers (the node cannot be drained). The retry
+    timer's ticks keep the deferral (the swap unit's own run defers it anew, or is not started),
+    and once slurmctld answers the timer drains, swaps and resumes."""
+    trees = write_driver(store, OLD), write_driver(store, NEW)
+    system.load_driver(OLD)
+    slurm = FakeSlurm({ME: SlurmNodeState(), "gpu2": SlurmNodeState()})
+    kernel = FakeEffects(system, slurm=slurm)
+
+    def unit(args):  # the swap unit: its ExecCondition `check`, then `swap`
+        if args[:1] == ["start"]:
+            if cli(system, store, trees, tmp_path, "check", effects=kernel, slurm=slurm_config()) == 0:
+                cli(system, store, trees, tmp_path, "swap", effects=kernel, slurm=slurm_config())
+
+    kernel.on_systemctl = unit
+    slurm.down = True
+    assert cli(system, store, trees, tmp_path, "check", effects=kernel, slurm=slurm_config()) == 1
+    for _ in range(2):
+        assert cli(system, store, trees, tmp_path, "retry-deferred", effects=kernel, slurm=slurm_config()) == 0
+        assert (system.base / "run/nvidia-kmod-swap/deferred.json").exists()
+    assert system.versions() == BEFORE
+    assert "the timer stops retrying" not in capsys.readouterr().err
+    slurm.down = False
+    assert cli(system, store, trees, tmp_path, "retry-deferred", effects=kernel, slurm=slurm_config()) == 0
+    assert system.versions() == FULL and not slurm.nodes[ME].drain
+    assert not (system.base / "run/nvidia-kmod-swap/deferred.json").exists()
+    journal = capsys.readouterr().err
+    assert "Slurm node gpu1 drained" in journal and "Slurm node gpu1 resumed" in journal, journal
+
+
+def test_the_retry_timer_keeps_a_swap_that_lost_the_fleets_race(system, store, tmp_path, capsys):
+    """At the switch gpu0 is drained by us and the bound is 1: the check defers. gpu0 comes back;
+    a tick finds the bound free and starts the swap unit, but gpu0 drains again in the same
+    moment and ranks first, so the unit's run gives its drain back and defers. That deferral is
+    the gate's, not a refusal: the next tick swaps once gpu0 is back again."""
+    trees = write_driver(store, OLD), write_driver(store, NEW)
+    system.load_driver(OLD)
+    slurm = FakeSlurm({"gpu0": SlurmNodeState(), ME: SlurmNodeState()})
+    kernel = FakeEffects(system, slurm=slurm)
+    config = slurm_config(max_unavailable="1")
+    waiting = f"nvidia-kmod-swap: NVIDIA driver {OLD} -> {NEW}"
+
+    def unit(args):  # the swap unit: its ExecCondition `check`, then `swap`
+        if args[:1] == ["start"]:
+            if cli(system, store, trees, tmp_path, "check", effects=kernel, slurm=config) == 0:
+                cli(system, store, trees, tmp_path, "swap", effects=kernel, slurm=config)
+
+    def peer(args):  # gpu0's own tick, in the same second as our drain
+        if args[:2] == ["update", f"NodeName={ME}"] and "State=DRAIN" in args and not slurm.nodes["gpu0"].drain:
+            slurm.drain("gpu0", waiting)
+            slurm.clock -= 1
+
+    kernel.on_systemctl = unit
+    slurm.drain("gpu0", waiting)
+    assert cli(system, store, trees, tmp_path, "check", effects=kernel, slurm=config) == 1
+    assert not slurm.nodes[ME].drain
+    slurm.nodes["gpu0"].drain = False
+    slurm.on_call = peer
+    assert cli(system, store, trees, tmp_path, "retry-deferred", effects=kernel, slurm=config) == 0
+    assert kernel.systemctl_calls[:1] == [["start", "nvidia-persistenced.service"]]
+    assert system.versions() == BEFORE and slurm.nodes["gpu0"].drain and not slurm.nodes[ME].drain
+    assert (system.base / "run/nvidia-kmod-swap/deferred.json").exists()
+    assert "the timer stops retrying" not in capsys.readouterr().err
+    slurm.on_call = None
+    slurm.nodes["gpu0"].drain = False
+    assert cli(system, store, trees, tmp_path, "retry-deferred", effects=kernel, slurm=config) == 0
+    assert system.versions() == FULL and not slurm.nodes[ME].drain

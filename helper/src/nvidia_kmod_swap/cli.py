@@ -347,15 +347,18 @@ def _retry_deferred(root: Root, config: Config, reporter: Reporter, effects: Eff
                    f"ago ({record.reason}); starting {config.swap_unit}", "notice",
                    expected_version=config.driver_version, loaded_version=plan.loaded_version)
     start_error = None
+    before = state.written(DEFERRED_RECORD)
     try:
         effects.systemctl(["start", config.swap_unit])
     except EffectError as e:
         start_error = str(e)  # the unit failed: its own run said why in the journal
     loaded = read_snapshot(root).version("nvidia")
     if loaded != config.driver_version:
+        if state.written(DEFERRED_RECORD) not in (None, before):
+            return 0  # the swap unit's run deferred it anew (busy again, or Slurm's gate): the next tick asks
         after = make_plan(root, config)
         if after.action == DEFER and after.waits_for == "idle":
-            return 0  # busy again: the swap unit's run deferred it anew
+            return 0  # busy again
         # Refused or rolled back (the swap unit's run said why): starting it again every tick would
         # repeat that, so the deferral ends here.
         state.remove(DEFERRED_RECORD)

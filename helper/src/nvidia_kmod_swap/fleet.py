@@ -139,12 +139,13 @@ class SlurmGate:
 
     def ready(self) -> Gate:
         """For the timer, read-only: could the swap run now (no job on the node, and a drain in
-        place or allowed)? Whatever cannot be asked says yes: the swap unit's own run decides."""
+        place or allowed)? Not while slurmctld cannot be asked: the swap unit's run would only
+        defer again (hold)."""
         try:
             nodes = self.nodes()
             decision = admit(nodes, self.me, self._limit(nodes))
         except SlurmError as e:
-            return Gate(True, str(e))
+            return Gate(False, str(e))
         return Gate(decision.verdict in ("proceed", "drain"), decision.why)
 
     # -- after the swap ----------------------------------------------------------------------------

@@ -351,6 +351,14 @@ class StateDir(NamedTuple):
         if name is not None:
             self.write(name, record.to_json())
 
+    def written(self, name: str) -> tuple[int, int] | None:
+        """Which write of NAME is there now (inode and mtime: write() replaces the file), or None."""
+        try:
+            st = os.lstat(self.path / name)
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns
+
     def deferred(self) -> DeferredRecord | None:
         data = self._read(DEFERRED_RECORD)
         return None if data is None else DeferredRecord.from_json(data, str(self.path / DEFERRED_RECORD))
