@@ -408,3 +408,27 @@ def test_the_retry_timer_keeps_a_swap_that_lost_the_fleets_race(system, store, t
     slurm.nodes["gpu0"].drain = False
     assert cli(system, store, trees, tmp_path, "retry-deferred", effects=kernel, slurm=config) == 0
     assert system.versions() == FULL and not slurm.nodes[ME].drain
+
+
+def test_the_retry_timer_leaves_a_failed_swaps_drain_to_an_admin_without_planning(system, store, tmp_path,
+                                                                                   monkeypatch):
+    """After a failed swap nothing is deferred and our drain says why: the timer's ticks neither
+    resume the node nor plan every tick for it."""
+    import nvidia_kmod_swap.swap as swap_mod
+
+    trees = write_driver(store, OLD), write_driver(store, NEW)
+    system.load_driver(OLD)
+    slurm = FakeSlurm({ME: SlurmNodeState()})
+    kernel = FakeEffects(system, slurm=slurm)
+    kernel.fail_on.add(("load", "nvidia_uvm"))
+    assert cli(system, store, trees, tmp_path, "swap", effects=kernel, slurm=slurm_config()) == EXIT_ROLLED_BACK
+    reason = slurm.nodes[ME].reason
+    assert slurm.nodes[ME].drain and reason.startswith("nvidia-kmod-swap: failed ")
+
+    def planned(*args, **kwargs):
+        raise AssertionError("the tick planned")
+
+    monkeypatch.setattr(swap_mod, "make_plan", planned)
+    calls = len(slurm.calls)
+    assert cli(system, store, trees, tmp_path, "retry-deferred", effects=kernel, slurm=slurm_config()) == 0
+    assert slurm.nodes[ME].drain and slurm.nodes[ME].reason == reason and len(slurm.calls) == calls

@@ -16,7 +16,7 @@ import re
 from typing import Literal, NamedTuple
 
 __all__ = ["REASON_PREFIX", "Decision", "Node", "SlurmError", "admit", "confirm", "failed_reason", "idle",
-           "limit_of", "parse_nodes", "waiting_reason"]
+           "limit_of", "parse_nodes", "says_failed", "waiting_reason"]
 
 REASON_PREFIX = "nvidia-kmod-swap:"
 # slurmctld's node states that mean a job is (still) on the node (src/common/slurm_protocol_defs.c
@@ -63,7 +63,7 @@ class Node(NamedTuple):
 
     @property
     def failed(self) -> bool:
-        return self.ours and self.reason.startswith(f"{REASON_PREFIX} failed")
+        return self.ours and says_failed(self.reason)
 
     def shown(self) -> str:
         state = "+".join(self.states)
@@ -169,6 +169,11 @@ def confirm(nodes: dict[str, Node], me: str, limit: int) -> Decision:
 def _short(text: str) -> str:
     text = " ".join(text.split())
     return text if len(text) <= REASON_MAX else text[: REASON_MAX - 3] + "..."
+
+
+def says_failed(reason: str) -> bool:
+    """REASON is ours and says a swap failed (failed_reason)."""
+    return reason.startswith(f"{REASON_PREFIX} failed")
 
 
 def waiting_reason(loaded: str | None, expected: str) -> str:

@@ -43,7 +43,8 @@ from .models import DEFER, Event, Outcome, Priority
 from .modinfo import ModInfo, ModuleFiles
 from .paths import Root
 from .plan import LoadStep, Plan, allowed, changed_since, plan_restore, q, restore_problems
-from .rules import AUTOLOAD_BLOCK, CORE, FIRMWARE_PATH, LOADED_DRIVER, PIN_RULES, bin_output
+from .rules import AUTOLOAD_BLOCK, CORE, FIRMWARE_PATH, LOADED_DRIVER, PIN_RULES, SLURM_DRAIN, bin_output
+from .slurm import says_failed
 from .snapshot import Snapshot, read_snapshot
 from .state import (
     DEFERRED_RECORD,
@@ -213,6 +214,14 @@ class Swapper:
         (fleet.SlurmGate.settle); otherwise the next tick looks again."""
         gate = SlurmGate.of(self.config, self.effects, self.reporter, self.state)
         if gate is None:
+            return EXIT_OK
+        try:
+            drain = self.state.read(SLURM_DRAIN)
+        except StateError:
+            drain = None  # settle() reads slurmctld's own state
+        if isinstance(drain, dict) and says_failed(str(drain.get("reason", ""))):
+            # A failed swap's drain is an admin's to read and lift (the next switch's check says so
+            # again): no plan every tick for it.
             return EXIT_OK
         with self._lock(wait=False) as taken:
             if taken and self.state.swap_state() is None and make_plan(self.root, self.config).action == "none":
