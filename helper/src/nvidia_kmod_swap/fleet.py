@@ -21,8 +21,19 @@ from .config import Config, SlurmConfig
 from .effects import EffectError, Effects
 from .journal import Reporter
 from .rules import SLURM_DRAIN
-from .slurm import Node, SlurmError, admit, confirm, failed_reason, idle, limit_of, parse_nodes, waiting_reason
-from .state import StateDir
+from .slurm import (
+    Node,
+    SlurmError,
+    admit,
+    confirm,
+    failed_reason,
+    idle,
+    limit_of,
+    parse_nodes,
+    says_failed,
+    waiting_reason,
+)
+from .state import StateDir, StateError
 
 __all__ = ["Gate", "SlurmGate", "gated"]
 
@@ -195,6 +206,14 @@ class SlurmGate:
             return
         self.reporter.event("drained", f"Slurm node {self.me} left drained: {reason!r}", "err", node=self.me,
                             reason=reason)
+
+    def drain_failed(self) -> bool:
+        """Our drain record (written by _drain) says a swap failed; read locally, not from slurmctld."""
+        try:
+            record = self.state.read(SLURM_DRAIN)
+        except StateError:
+            return False  # settle() reads slurmctld's own state
+        return isinstance(record, dict) and says_failed(str(record.get("reason", "")))
 
     def settle(self) -> None:
         """Nothing to swap (the loaded driver is the profile's: a swap done by another run, or the

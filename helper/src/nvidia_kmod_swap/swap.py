@@ -43,8 +43,7 @@ from .models import DEFER, Event, Outcome, Priority
 from .modinfo import ModInfo, ModuleFiles
 from .paths import Root
 from .plan import LoadStep, Plan, allowed, changed_since, plan_restore, q, restore_problems
-from .rules import AUTOLOAD_BLOCK, CORE, FIRMWARE_PATH, LOADED_DRIVER, PIN_RULES, SLURM_DRAIN, bin_output
-from .slurm import says_failed
+from .rules import AUTOLOAD_BLOCK, CORE, FIRMWARE_PATH, LOADED_DRIVER, PIN_RULES, bin_output
 from .snapshot import Snapshot, read_snapshot
 from .state import (
     DEFERRED_RECORD,
@@ -215,11 +214,7 @@ class Swapper:
         gate = SlurmGate.of(self.config, self.effects, self.reporter, self.state)
         if gate is None:
             return EXIT_OK
-        try:
-            drain = self.state.read(SLURM_DRAIN)
-        except StateError:
-            drain = None  # settle() reads slurmctld's own state
-        if isinstance(drain, dict) and says_failed(str(drain.get("reason", ""))):
+        if gate.drain_failed():
             # A failed swap's drain is an admin's to read and lift (the next switch's check says so
             # again): no plan every tick for it.
             return EXIT_OK
